@@ -1,0 +1,80 @@
+"""Fused ops of the DiT, dispatched by device.
+
+On CUDA tensors each op runs its Triton kernel; anywhere else (and on CUDA when
+`CMSERVE_KERNELS=reference` or `use_reference(True)`) it runs the torch reference in
+`kernels.reference`. Tests force the Triton path on the CPU through `TRITON_INTERPRET=1` with
+`force_triton(True)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels import reference
+
+_force_reference = os.environ.get("CMSERVE_KERNELS", "auto") == "reference"
+_force_triton = os.environ.get("CMSERVE_KERNELS", "auto") == "triton"
+
+
+def use_reference(flag: bool) -> None:
+    """Force the torch references even on CUDA (A/B comparisons)."""
+    global _force_reference
+    _force_reference = flag
+
+
+def force_triton(flag: bool) -> None:
+    """Run the Triton kernels whatever the device (the CPU needs TRITON_INTERPRET=1)."""
+    global _force_triton
+    _force_triton = flag
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' or 'reference': which implementation an op on `x` will run."""
+    if _force_reference:
+        return "reference"
+    if _force_triton or (x.is_cuda and triton_available()):
+        return "triton"
+    return "reference"
+
+
+def _dispatch(name: str) -> Callable[..., torch.Tensor]:
+    ref = getattr(reference, name)
+
+    def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if backend_for(x) == "triton":
+            from kernels import triton_ops  # imported lazily: triton is optional on the CPU
+
+            return getattr(triton_ops, name)(x, *args, **kwargs)
+        return ref(x, *args, **kwargs)
+
+    op.__name__ = name
+    op.__doc__ = ref.__doc__
+    return op
+
+
+adaln_norm = _dispatch("adaln_norm")
+gated_residual = _dispatch("gated_residual")
+attention = _dispatch("attention")
+
+__all__ = [
+    "adaln_norm",
+    "attention",
+    "backend_for",
+    "force_triton",
+    "gated_residual",
+    "reference",
+    "triton_available",
+    "use_reference",
+]

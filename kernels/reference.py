@@ -1,0 +1,54 @@
+"""Torch references for every fused op.
+
+These are the CPU path of the model, the ground truth of the kernel tests and the baseline of
+the kernel benchmarks. Statistics are computed in fp32 whatever the input dtype, like the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def adaln_norm(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """y = LayerNorm(x) * (1 + scale[b]) + shift[b]   (DiT's `modulate(norm(x), shift, scale)`).
+
+    x: [B, N, D]; shift, scale: [B, D]. No learned affine: adaLN supplies it.
+    """
+    xf = x.float()
+    y = F.layer_norm(xf, (x.shape[-1],), eps=eps)
+    y = y * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return y.to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + gate[b] * h   (adaLN-Zero's gated residual). x, h: [B, N, D]; gate: [B, D]."""
+    return (x.float() + gate.float()[:, None, :] * h.float()).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 (the QK-norm of the attention). x: [..., Dh]; weight: [Dh]."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return y.to(x.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Non-causal softmax(QK^T / sqrt(Dh)) V with optional QK-RMSNorm.
+
+    q, k, v: [B, H, N, Dh] -> [B, H, N, Dh].
+    """
+    if q_weight is not None:
+        q = rms_norm(q, q_weight, eps)
+    if k_weight is not None:
+        k = rms_norm(k, k_weight, eps)
+    return F.scaled_dot_product_attention(q, k, v)

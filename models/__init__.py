@@ -1,0 +1,1 @@
+"""The DiT network, its TrigFlow consistency parametrization, the sampler and checkpoints."""

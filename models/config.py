@@ -1,0 +1,60 @@
+"""Frozen architecture configs with named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    image_size: int = 28
+    channels: int = 1
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 10  # the embedding has one more row: the "null" class (index num_classes)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
+        if self.width % 4:
+            raise ValueError("width must be a multiple of 4 (2-D sin-cos position embedding)")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{f.name} must be a positive number, got {v!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {sorted(unknown)}")
+        missing = known - set(d)
+        if missing:
+            raise ValueError(f"missing architecture fields: {sorted(missing)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, DiTConfig] = {
+    # The shipped MNIST model: 49 tokens of width 192, head dim 32, ~4.5M parameters.
+    "mnist-s": DiTConfig(),
+    # Small enough for unit tests and the placeholder checkpoint: 16 tokens of width 32.
+    "tiny": DiTConfig(patch_size=7, width=32, depth=2, num_heads=2),
+}

@@ -1,0 +1,129 @@
+"""A DiT (Peebles & Xie 2023) with adaLN-Zero, QK-norm and a null class.
+
+The network knows nothing about noise levels: it maps (x, t, y) to an output of x's shape and
+`models.consistency` owns the TrigFlow parametrization around it. Normalization and attention go
+through `kernels`, which runs fused Triton kernels on CUDA and torch references elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from models.config import DiTConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the TrigFlow time t in radians, in fp32. t: [B] -> [B, dim].
+
+    Frequencies span 1..1000 rad^-1 geometrically: fine enough to tell apart the times the
+    samplers use, and kept in fp32 (half-precision time embeddings cause loss spikes, sCM §4).
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), half, device=t.device, dtype=torch.float32))
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE/DiT). -> [grid*grid, width]."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    out_y = ys.reshape(-1, 1) * omega[None]
+    out_x = xs.reshape(-1, 1) * omega[None]
+    emb = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
+    return emb.float()
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        # QK-norm: RMSNorm of q and k per head (stabilizes DiT training), fused into the kernel.
+        self.q_norm = nn.Parameter(torch.ones(width // num_heads))
+        self.k_norm = nn.Parameter(torch.ones(width // num_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        # qkv: [B, N, 3, H, Dh] -> 3 x [B, H, N, Dh]
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        o = kernels.attention(qkv[0], qkv[1], qkv[2], self.q_norm, self.k_norm)
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """adaLN-Zero block: the conditioning sets shift/scale/gate of both sub-layers; gates start at 0."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.attn = Attention(width, num_heads)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Linear(width, 6 * width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: [B, N, D]; c: [B, D] (already SiLU-activated)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        x = kernels.gated_residual(x, gate1, self.attn(kernels.adaln_norm(x, shift1, scale1)))
+        x = kernels.gated_residual(x, gate2, self.mlp(kernels.adaln_norm(x, shift2, scale2)))
+        return x
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.width, cfg.patch_size
+        self.patch = nn.Conv2d(cfg.channels, D, kernel_size=p, stride=p)
+        self.register_buffer("pos", sincos_pos_embed(D, cfg.image_size // p)[None], persistent=False)
+        self.t_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)  # row num_classes = null class
+        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_ada = nn.Linear(D, 2 * D)
+        self.out = nn.Linear(D, p * p * cfg.channels)
+        self._init()
+
+    def _init(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.t_mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_mlp[2].weight, std=0.02)
+        w = self.patch.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch.bias)  # type: ignore[arg-type]
+        # adaLN-Zero: every residual branch and the output start at zero.
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada.weight)
+            nn.init.zeros_(blk.ada.bias)
+        for m in (self.final_ada, self.out):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W]; t: [B] fp32 radians; y: [B] int64 in [0, num_classes] -> [B, C, H, W]."""
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
+        c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.y_embed(y)
+        c = F.silu(c)  # [B, D]
+        for blk in self.blocks:
+            h = blk(h, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        h = self.out(kernels.adaln_norm(h, shift, scale))  # [B, N, p*p*C]
+        g = H // p
+        h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
+        return h.reshape(B, C, H, W)

@@ -1,0 +1,115 @@
+"""`cmserve eval`: FLD, class accuracy and speed of the consistency model vs its teacher.
+
+Every generated row draws the same number of class-balanced samples; the reference is the
+500-image held-out split. The "real" row is the floor: training images against the same held-out
+set (drawn with replacement when more are asked than the 4,500 the split holds), with the
+classifier's accuracy on the held-out images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.classifier import DEFAULT_CLASSIFIER, accuracy, features, frechet_distance, load_classifier
+from models.consistency import TrigFlow, teacher_times
+from models.sampler import consistency_sample, ode_sample
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=str(WEIGHTS / "cm-mnist.json"), help="consistency checkpoint")
+    p.add_argument("--teacher", default=str(WEIGHTS / "teacher-mnist.json"), help="diffusion teacher checkpoint")
+    p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="LeNet weights (FLD features)")
+    p.add_argument("--train-classifier", action="store_true", help="(re)train the classifier first and save it")
+    p.add_argument("--num-samples", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--steps", default="1,2,4", help="consistency step counts")
+    p.add_argument("--teacher-steps", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="100 samples, 4 teacher steps: a smoke run")
+    p.add_argument("--json", default="", help="write {'rows': [...]} here")
+    p.add_argument("--grid", default="", help="also save a 10-class x 8-seed 2-step grid PNG here")
+
+
+@torch.no_grad()
+def generate(sample_fn: Any, n: int, slices: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """-> (images [n, 1, 28, 28], labels [n], ms per image). Labels cycle through the 10 classes."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    noise = torch.randn((slices, n, 1, 28, 28), generator=g)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        out.append(sample_fn(noise[:, i : i + batch], labels[i : i + batch]))
+    ms = (time.perf_counter() - t0) * 1e3 / n
+    return torch.cat(out).clamp(-0.5, 0.5), labels, ms
+
+
+def consistency_fn(model: TrigFlow, times: tuple[float, ...], sigma_d: float) -> Any:
+    t = torch.tensor(times, dtype=torch.float32)
+    return lambda noise, y: consistency_sample(model, noise, y, t, sigma_d)
+
+
+def teacher_fn(model: TrigFlow, steps: int, sigma_d: float) -> Any:
+    t = torch.tensor(teacher_times(steps), dtype=torch.float32)
+    return lambda noise, y: ode_sample(model.velocity, noise[0], y, t, sigma_d)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from models.data import load_split
+
+    if args.quick:
+        args.num_samples, args.teacher_steps = min(args.num_samples, 100), min(args.teacher_steps, 4)
+    clf = load_classifier(args.classifier)
+    x_eval, y_eval = load_split("eval")
+    ref = features(clf, x_eval)
+    n = args.num_samples
+    rows: list[dict[str, Any]] = []
+
+    def row(sampler: str, steps: int, x: torch.Tensor, y: torch.Tensor, ms: float | None) -> None:
+        rows.append({"sampler": sampler, "steps": steps, "fld": round(frechet_distance(features(clf, x), ref), 3),
+                     "class_accuracy": round(accuracy(clf, x, y), 4),
+                     "ms_per_image": None if ms is None else round(ms, 3), "num_samples": len(x)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    cm, card = load_checkpoint(args.checkpoint)
+    for steps in (int(s) for s in args.steps.split(",")):
+        x, y, ms = generate(consistency_fn(cm, card.schedules[steps], card.sigma_d), n, steps, args.batch_size,
+                            args.seed)
+        row("consistency", steps, x, y, ms)
+        if steps == 2 and args.grid:
+            from models.grid import save_grid
+
+            xg, _, _ = generate(consistency_fn(cm, card.schedules[2], card.sigma_d), 80, 2, 80, args.seed + 1)
+            # generate() cycles labels 0..9, so reorder to 10 rows (classes) x 8 columns (seeds)
+            save_grid(xg.view(8, 10, *xg.shape[1:]).transpose(0, 1).reshape_as(xg), 10, args.grid)
+    teacher, tcard = load_checkpoint(args.teacher)
+    x, y, ms = generate(teacher_fn(teacher, args.teacher_steps, tcard.sigma_d), n, 1, args.batch_size, args.seed)
+    row("teacher", args.teacher_steps, x, y, ms)
+    x_train, _ = load_split("train")
+    idx = torch.randint(0, len(x_train), (n,), generator=torch.Generator().manual_seed(args.seed)) \
+        if n > len(x_train) else torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:n]
+    rows.append({"sampler": "real", "steps": 0, "fld": round(frechet_distance(features(clf, x_train[idx]), ref), 3),
+                 "class_accuracy": round(accuracy(clf, x_eval, y_eval), 4), "ms_per_image": None, "num_samples": n})
+    print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "checkpoint": card.name, "teacher": tcard.name, "threads": torch.get_num_threads()}
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.train_classifier:
+        from models.classifier import train_classifier
+
+        acc = train_classifier(args.classifier)
+        print(json.dumps({"classifier": args.classifier, "heldout_accuracy": acc}))
+    result = evaluate(args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""cmserve: the HTTP server, dynamic batcher and captured sampler runner."""

@@ -1,0 +1,269 @@
+"""Async dynamic batcher: one queue, one future per request, one batch computing at a time.
+
+- Idle worker + waiting requests -> dispatch at once (no fixed wait at low load); while a batch
+  computes, requests accumulate and the next batch takes up to `max_batch_size` images, oldest
+  first. A request is never split across batches (a request larger than `max_batch_size` runs
+  alone and the runner chunks it). `max_wait_s` optionally holds a partial batch for company.
+- A batch holds one step count: the oldest request picks it, later ones of other counts wait.
+- Queued requests whose deadline passed get `DeadlineExceeded`, those whose client left are
+  dropped, both before any compute is spent on them.
+- The sampler runs on a worker thread, so the event loop keeps answering while a batch runs.
+- A batch that raises fails only its own requests (`BatchFailed`); the loop carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.metrics import Metrics
+
+log = logging.getLogger("cmserve.batcher")
+
+# (steps, labels per image, seeds per image) -> uint8 images [B, H, W, C]; runs on the worker thread.
+RunBatch = Callable[[int, list[int | None], list[int]], np.ndarray]
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__("queue full")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+class BatchFailed(Exception):
+    def __init__(self, reason: str, request_ids: list[str]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_ids = request_ids
+
+
+@dataclass(eq=False)
+class Job:
+    steps: int
+    labels: list[int | None]  # one per image
+    seeds: list[int]  # one per image
+    deadline: float  # time.monotonic() after which the job must not start
+    request_id: str
+    future: asyncio.Future[JobResult]
+    enqueued: float = field(default_factory=time.monotonic)
+    client_gone: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class JobResult:
+    images: np.ndarray  # uint8 [n, H, W, C]
+    queue_s: float
+    compute_s: float
+    batch_images: int
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_queue_images: int,
+        max_wait_s: float = 0.0,
+    ) -> None:
+        self.run_batch = run_batch
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_queue_images = max_queue_images
+        self.max_wait_s = max_wait_s
+        self._pending: deque[Job] = deque()
+        self._queued_images = 0
+        self._running: list[Job] = []
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cmserve-compute")
+        self._task: asyncio.Task[None] | None = None
+        self._batch_s = 0.05  # EWMA of batch wall time, for Retry-After
+        self.batches_run = 0
+        self.last_progress = time.monotonic()  # for watchdogs: moves whenever a batch ends
+        metrics.queue_limit.set(max_queue_images)
+
+    # ---- producer side ------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a job or raise QueueFull (never blocks)."""
+        if self._queued_images + job.n > self.max_queue_images:
+            raise QueueFull(self.retry_after())
+        self._pending.append(job)
+        self._queued_images += job.n
+        self._idle.clear()
+        self._update_gauges()
+        self._wakeup.set()
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: batches ahead of us x recent batch time."""
+        batches = math.ceil((self._queued_images + 1) / self.max_batch_size) + 1
+        return max(1, math.ceil(batches * self._batch_s))
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or bool(self._running)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="cmserve-batcher")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or running; False if the timeout came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        """Stop the loop; whatever is still queued gets `Draining` (every request one answer)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(Draining())
+        self._queued_images = 0
+        self._update_gauges()
+        self._executor.shutdown(wait=True)
+
+    # ---- consumer side ------------------------------------------------------------------------
+    def _update_gauges(self) -> None:
+        self.metrics.queue_images.set(self._queued_images)
+        self.metrics.queue_requests.set(len(self._pending))
+
+    def _drop(self, job: Job) -> None:
+        self._pending.remove(job)
+        self._queued_images -= job.n
+
+    def _prune(self) -> None:
+        """Drop jobs that must not reach the model: answered, abandoned or expired."""
+        now = time.monotonic()
+        for job in list(self._pending):
+            if job.future.done():  # the route gave up (its own timeout)
+                self._drop(job)
+            elif job.client_gone:
+                self._drop(job)
+                self.metrics.rejected.labels("disconnected").inc()
+                job.future.cancel()
+            elif now > job.deadline:
+                self._drop(job)
+                self.metrics.rejected.labels("deadline").inc()
+                job.future.set_exception(DeadlineExceeded())
+        self._update_gauges()
+
+    def _select(self) -> list[Job]:
+        """Oldest job's step count; then later jobs of that count, in order, while they fit."""
+        first = self._pending[0]
+        batch, images = [first], first.n
+        for job in list(self._pending)[1:]:
+            if job.steps != first.steps:
+                continue
+            if images + job.n > self.max_batch_size:
+                break
+            batch.append(job)
+            images += job.n
+        return batch
+
+    def _fillable(self) -> int:
+        first = self._pending[0]
+        return sum(j.n for j in self._pending if j.steps == first.steps)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            self._prune()
+            if not self._pending:
+                continue
+            if self.max_wait_s > 0 and self._fillable() < self.max_batch_size:
+                left = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
+                if left > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), left)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+            batch = self._select()
+            for job in batch:
+                self._drop(job)
+            self._update_gauges()
+            await self._dispatch(batch)
+
+    async def _dispatch(self, batch: list[Job]) -> None:
+        steps = batch[0].steps
+        labels = [lab for job in batch for lab in job.labels]
+        seeds = [s for job in batch for s in job.seeds]
+        started = time.monotonic()
+        for job in batch:
+            self.metrics.queue_wait.observe(started - job.enqueued)
+        self.metrics.batch_size.observe(len(seeds))
+        self._running = batch
+        loop = asyncio.get_running_loop()
+        try:
+            images = await loop.run_in_executor(self._executor, self.run_batch, steps, labels, seeds)
+            if images.shape[0] != len(seeds):
+                raise RuntimeError(f"batch returned {images.shape[0]} images for {len(seeds)} requested")
+        except Exception as e:  # one bad batch fails its own requests only
+            reason = getattr(e, "reason", "exception")
+            ids = [j.request_id for j in batch]
+            log.error("batch of %d images (steps=%d) failed: %s: %s; requests %s",
+                      len(seeds), steps, type(e).__name__, e, ids)
+            self.metrics.batch_failures.labels(reason).inc()
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(BatchFailed(reason, ids))
+        else:
+            compute_s = time.monotonic() - started
+            self.metrics.batch_compute.labels(str(steps)).observe(compute_s)
+            i = 0
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_result(JobResult(images[i : i + job.n], started - job.enqueued,
+                                                    compute_s, len(seeds)))
+                i += job.n
+        finally:
+            elapsed = time.monotonic() - started
+            self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+            self._running = []
+            self.batches_run += 1
+            self.last_progress = time.monotonic()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"queued_images": self._queued_images, "queued_requests": len(self._pending),
+                "running_requests": len(self._running), "batches_run": self.batches_run}

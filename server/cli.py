@@ -1,0 +1,157 @@
+"""`cmserve`: serve, train, eval, bench.
+
+`cmserve serve --help` lists every server setting; each flag also reads `CMSERVE_<NAME>` from the
+environment (flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    from server.settings import Settings
+
+    for name, f in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "CMSERVE_" + name.upper()
+        default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        help_ = f"{f.description} [env {env}; default {default!r}]"
+        if f.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from server.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        sys.exit(f"cmserve: bad setting: {e}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from models.checkpoint import CheckpointError
+    from server.app import create_app
+    from server.engine import Engine
+    from server.metrics import Metrics
+
+    s = _settings(args)
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    metrics = Metrics()
+    try:
+        engine = Engine(s, metrics)  # fail fast on a bad checkpoint, before binding the port
+    except (CheckpointError, RuntimeError) as e:
+        sys.exit(f"cmserve: cannot load model: {e}")
+    app = create_app(s, engine, metrics)
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False,
+                            timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)))
+    DrainingServer(config, app.state.cm).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: /readyz -> 503 and new requests -> 503 at once, queued and
+    running requests finish (up to shutdown_grace_s), then uvicorn's own shutdown closes the
+    sockets. A second signal exits without waiting."""
+
+    def __init__(self, config: uvicorn.Config, state: Any) -> None:
+        super().__init__(config)
+        self.cm = state
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.cm.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+            super().handle_exit(sig, frame)
+            return
+        self.cm.draining = True
+        self.cm.metrics.draining.set(1)
+        self.cm.metrics.ready.set(0)
+        logging.getLogger("cmserve").info("draining: %s", self.cm.batcher.snapshot() if self.cm.batcher else {})
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain, loop)
+
+    def _start_drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._drain_task = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.cm.batcher is not None:
+            await self.cm.batcher.drain(self.cm.settings.shutdown_grace_s)
+        await asyncio.sleep(0.05)  # let the last responses reach their sockets
+        self.should_exit = True
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from models.train import run
+
+    overrides = json.loads(args.set) if args.set else {}
+    run(args.preset, args.run_dir, overrides, stop_after=args.stop_after)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from models.evaluate import main as eval_main
+
+    eval_main(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from server.bench import main as bench_main
+
+    bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cmserve", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
+    _add_settings_flags(p)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("train", help="train the teacher and tune the consistency model (resumable)")
+    p.add_argument("--preset", default="mnist", help="training preset: mnist (the shipped run) or tiny")
+    p.add_argument("--run-dir", default="runs/mnist", help="where state, logs, samples and exports go")
+    p.add_argument("--set", default="", help='JSON overrides of the preset, e.g. \'{"ect_steps": 400}\'')
+    p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this global step")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="FLD / class accuracy / speed of the samplers")
+    from models.evaluate import add_args as eval_args
+
+    eval_args(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks: sampler (raw), server (open-loop), kernels")
+    try:
+        from server.bench import add_args as bench_args
+
+        bench_args(p)
+    except ImportError:
+        pass
+    p.set_defaults(fn=cmd_bench)
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The engine owns the model and the runner, and turns (steps, labels, seeds) into images.
+
+`run_batch` runs on the batcher's worker thread. Noise comes from one CPU generator per image
+seeded with that image's seed, so an image never depends on its batch-mates or the device's RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.grid import to_uint8
+from models.placeholder import build_placeholder
+from server.metrics import Metrics
+from server.runner import SamplerRunner
+from server.settings import Settings
+
+log = logging.getLogger("cmserve.engine")
+
+
+class NonFiniteOutput(RuntimeError):
+    reason = "nonfinite"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+    return dev
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.device = pick_device(settings.device)
+        path = settings.checkpoint_path()
+        self.placeholder = False
+        if not settings.checkpoint and not path.is_file():
+            # No trained weights shipped (or the package was installed without them).
+            tmp = Path(tempfile.mkdtemp(prefix="cmserve-placeholder-"))
+            path = build_placeholder(tmp / "placeholder")
+            self.placeholder = True
+            log.warning("no default checkpoint at %s: serving an UNTRAINED placeholder model", settings.checkpoint_path())
+        self.model, self.card = load_checkpoint(path, self.device)
+        self.placeholder = self.placeholder or bool(self.card.provenance.get("placeholder"))
+        use_graphs = settings.backend == "graph" or (settings.backend == "auto" and self.device.type == "cuda")
+        if use_graphs and self.device.type != "cuda":
+            raise RuntimeError("backend 'graph' needs a CUDA device")
+        dtype = getattr(torch, settings.dtype) if self.device.type == "cuda" else torch.float32
+        self.runner = SamplerRunner(
+            self.model, self.card, settings.buckets, self.device, use_graphs=use_graphs, dtype=dtype, metrics=metrics
+        )
+        # Test hook: called with (steps, labels, seeds) before each batch; may raise or sleep.
+        self.fault: Callable[[int, list[int | None], list[int]], None] | None = None
+        self.poison_output = False  # test hook: make the next batch's output non-finite
+
+    @property
+    def supported_steps(self) -> list[int]:
+        return self.card.steps
+
+    def warmup(self) -> float:
+        t0 = time.perf_counter()
+        self.runner.warmup(self.supported_steps)
+        return time.perf_counter() - t0
+
+    def make_noise(self, steps: int, seeds: list[int]) -> torch.Tensor:
+        """-> [S, B, C, H, W]: image i's noise for every step from its own generator."""
+        shape = (self.runner.noise_slices(steps), *self.runner.image_shape)
+        per_image = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(per_image, dim=1)
+
+    def sample(self, steps: int, labels: list[int | None], seeds: list[int]) -> torch.Tensor:
+        """-> x0 [B, C, H, W] fp32 in data space ([-0.5, 0.5] for MNIST)."""
+        null = self.card.arch.num_classes
+        y = torch.tensor([null if lab is None else lab for lab in labels], dtype=torch.long)
+        return self.runner.run(steps, self.make_noise(steps, seeds), y)
+
+    def run_batch(self, steps: int, labels: list[int | None], seeds: list[int]) -> np.ndarray:
+        if self.fault is not None:
+            self.fault(steps, labels, seeds)
+        x = self.sample(steps, labels, seeds)
+        if self.poison_output:
+            self.poison_output = False
+            x[0].fill_(float("nan"))
+        if not torch.isfinite(x).all():
+            raise NonFiniteOutput("sampler output holds non-finite values")
+        return to_uint8(x)

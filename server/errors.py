@@ -1,0 +1,124 @@
+"""JSON error bodies and the outermost ASGI middleware (request ids, body limit, metrics).
+
+Error bodies follow the OpenAI shape, {"error": {"type", "message", "param", "code"},
+"request_id"}, and never echo request content, keys or stack traces.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.metrics import Metrics
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+KNOWN_ROUTES = {"/v1/generate", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
+
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    405: "invalid_request_error", 406: "invalid_request_error", 413: "invalid_request_error",
+    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+    500: "server_error", 503: "service_unavailable", 504: "timeout_error",
+}
+
+
+def request_id_of(scope: Scope) -> str:
+    return str(scope.get("state", {}).get("request_id", ""))
+
+
+def error_response(
+    status: int, message: str, request_id: str, *, param: str | None = None, code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {"type": ERROR_TYPES.get(status, "error"), "message": message, "param": param, "code": code},
+        "request_id": request_id,
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class EdgeMiddleware:
+    """Assigns the request id, caps the body size, and counts every response by route and code.
+
+    Pure ASGI (not BaseHTTPMiddleware) so `receive` reaches the route untouched and a client
+    disconnect stays visible there.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id", "")
+        if not _REQUEST_ID.match(rid):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path = scope["path"]
+        route = path if path in KNOWN_ROUTES else "other"
+        status = {"code": 500}
+
+        async def send_wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                resp = error_response(413, f"request body larger than {self.max_body} bytes", rid,
+                                      code="body_too_large")
+                await resp(scope, receive, send_wrapped)
+                return
+            received = {"n": 0}
+
+            async def receive_limited() -> Message:
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    received["n"] += len(msg.get("body", b""))
+                    if received["n"] > self.max_body:
+                        raise BodyTooLarge()
+                return msg
+
+            try:
+                await self.app(scope, receive_limited, send_wrapped)
+            except BodyTooLarge:
+                resp = error_response(413, f"request body larger than {self.max_body} bytes", rid,
+                                      code="body_too_large")
+                await resp(scope, receive, send_wrapped)
+        finally:
+            self.metrics.requests.labels(route, str(status["code"])).inc()
+            self.metrics.request_latency.labels(route).observe(time.perf_counter() - t0)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def first_validation_error(errors: list[Any]) -> tuple[str, str | None]:
+    """pydantic errors -> (message, param) naming the first offending field."""
+    if not errors:
+        return "invalid request body", None
+    e = errors[0]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = e.get("msg", "invalid value")
+    if e.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def parse_json(body: bytes) -> Any:
+    return json.loads(body)

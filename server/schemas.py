@@ -1,0 +1,88 @@
+"""Request and response bodies of the REST API (OpenAI images API naming where it fits).
+
+Types are strict: "n": "4" or "seed": 1.5 are rejected, not coerced, and unknown fields are
+errors. Limits that depend on the loaded model or the settings (class range, supported steps,
+max n) are checked in the route, before anything is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+MAX_SEED = 2**63 - 1
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class_label: StrictInt | None = Field(
+        None, ge=0, description="Class to draw (see GET /v1/models); null = unconditional."
+    )
+    n: StrictInt = Field(1, ge=1, description="Number of images (at most the server's max_images_per_request).")
+    seed: StrictInt | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description="Image i uses seed + i; omitted = random, returned per image.",
+    )
+    steps: StrictInt = Field(2, ge=1, le=4, description="Sampler steps (network evaluations per image).")
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNGs in JSON for now.")
+    timeout_s: StrictFloat | StrictInt | None = Field(
+        None, gt=0, le=3600, description="Deadline in seconds (capped by the server's max); 504 when it passes."
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    class_label: int | None
+
+
+class Timings(BaseModel):
+    queue: float
+    compute: float
+    encode: float
+    total: float
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    steps: int
+    created: int
+    data: list[ImageData]
+    timings_ms: Timings
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: str
+
+
+class ModelCardResponse(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    kind: str
+    placeholder: bool
+    image_size: int
+    channels: int
+    classes: list[str]
+    supported_steps: list[int]
+    default_steps: int
+    schedules: dict[str, list[float]]
+    provenance: dict[str, object]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCardResponse]
+
+
+class HealthResponse(BaseModel):
+    status: str

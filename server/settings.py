@@ -1,0 +1,81 @@
+"""Server settings: CLI flags override `CMSERVE_*` environment variables override defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "cm-mnist.json"
+
+
+def _csv_list(v: object) -> object:
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CMSERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 inside a container).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    checkpoint: str = Field(
+        "", description="Checkpoint (.json card beside its .safetensors); empty = the shipped default model."
+    )
+    device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    backend: Literal["auto", "eager", "graph"] = Field(
+        "auto", description="Runner backend: 'graph' captures CUDA graphs (CUDA only); 'auto' = graph on CUDA, eager on CPU."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype on CUDA (CPU: float32).")
+    buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
+        description="Batch sizes the runner pads up to (and captures on CUDA), comma-separated.",
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most images the batcher puts in one batch.")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="Extra wait for a fuller batch; 0 = dispatch as soon as the worker is idle."
+    )
+    max_images_per_request: int = Field(16, ge=1, description="Largest n a request may ask for.")
+    max_queue_images: int = Field(512, ge=1, description="Queue bound in images; beyond it requests get 429.")
+    default_timeout_s: float = Field(30.0, gt=0, description="Deadline of a request that sets none.")
+    max_timeout_s: float = Field(120.0, gt=0, description="Cap on a request's own deadline.")
+    max_body_bytes: int = Field(16384, ge=256, description="Largest request body accepted (413 beyond).")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Bearer API keys, comma-separated; empty = no auth."
+    )
+    api_keys_file: str = Field("", description="File with one API key per line (added to api_keys).")
+    protect_ops_endpoints: bool = Field(False, description="Require the API key on /healthz, /readyz and /metrics too.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS, comma-separated; empty = no CORS."
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: time to drain queued and running work.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("buckets", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        return _csv_list(v)
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("buckets must be positive integers")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _keys_file(self) -> Settings:
+        if self.api_keys_file:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+            self.api_keys = [*self.api_keys, *(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))]
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("default_timeout_s exceeds max_timeout_s")
+        return self
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT
