@@ -1,0 +1,63 @@
+# The verbs people use. `make serve` and `make test` set everything up on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+export TRITON_INTERPRET ?= 1
+
+.PHONY: serve test test-fast lint bench loadtest gpu-check train eval fuzz soak ops-tools clean
+
+# torch is pinned here (not in pyproject) to the CPU wheel on this machine's disk: an unpinned
+# torch would pull a multi-GB CUDA build. On a GPU machine install the CUDA torch first.
+$(VENV)/.serve: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.serve pyproject.toml
+	$(PIP) -e '.[test]'
+	touch $@
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/cmserve serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.test ops-tools
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -m "not slow"
+
+ops-tools: $(VENV)/.test
+	deploy/install-tools.sh $(VENV)
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check server kernels models tests
+	$(VENV)/bin/ruff format --check server kernels models tests
+	$(VENV)/bin/mypy server kernels models
+
+train: $(VENV)/.test
+	$(VENV)/bin/cmserve train --preset mnist --run-dir runs/mnist
+
+eval: $(VENV)/.test
+	$(VENV)/bin/cmserve eval --json docs/eval.json --grid docs/samples_2step.png
+
+bench: $(VENV)/.test
+	$(VENV)/bin/cmserve bench sampler --json docs/bench_sampler.json
+	$(VENV)/bin/cmserve bench server --json docs/bench_server.json --plot docs/latency_vs_throughput.png
+
+loadtest: $(VENV)/.test
+	deploy/locust/run.sh
+
+fuzz: $(VENV)/.test
+	$(PY) -m pytest tests/server/test_fuzz.py --fuzz-cases=2000
+
+soak: $(VENV)/.test
+	$(PY) -m pytest tests/reliability/test_load.py -k soak --run-soak
+
+gpu-check: $(VENV)/.test
+	TRITON_INTERPRET=0 $(PY) -m server.gpu_check --out docs/gpu_check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

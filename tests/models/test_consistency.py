@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.config import PRESETS, DiTConfig
+from models.consistency import DEFAULT_SCHEDULES, T_MAX, TrigFlow, teacher_times, validate_schedule
+from models.dit import DiT
+from models.sampler import consistency_sample, ode_sample
+
+
+def _model(seed: int = 0) -> TrigFlow:
+    torch.manual_seed(seed)
+    net = DiT(PRESETS["tiny"])
+    with torch.no_grad():
+        for p in net.parameters():  # wake up the zero-initialized layers so F is not 0
+            p.add_(0.05 * torch.randn_like(p))
+    return TrigFlow(net).eval()
+
+
+def test_boundary_condition_holds_exactly_at_t0() -> None:
+    m = _model()
+    x = torch.randn(5, 1, 28, 28)
+    y = torch.tensor([0, 3, 9, 10, 2])
+    out = m(x, torch.zeros(5), y)
+    assert torch.equal(out, x)
+    # and away from 0 the network matters
+    assert not torch.allclose(m(x, torch.full((5,), 0.7), y), x)
+
+
+def test_network_output_has_input_shape_and_depends_on_label() -> None:
+    m = _model()
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.full((2,), 1.0)
+    a = m.net(x, t, torch.tensor([1, 1]))
+    b = m.net(x, t, torch.tensor([1, 2]))
+    assert a.shape == x.shape
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def test_config_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="patch_size"):
+        DiTConfig(image_size=28, patch_size=5)
+    with pytest.raises(ValueError, match="num_heads"):
+        DiTConfig(width=30, num_heads=4)
+    with pytest.raises(ValueError, match="unknown"):
+        DiTConfig.from_dict({**DiTConfig().to_dict(), "bogus": 1})
+
+
+def test_one_step_sampling_is_f_at_t_max_of_scaled_noise() -> None:
+    m = _model()
+    z = torch.randn(1, 3, 1, 28, 28)
+    y = torch.tensor([1, 2, 3])
+    out = consistency_sample(m, z, y, torch.tensor([T_MAX]), 0.5)
+    expect = m(math.sin(T_MAX) * 0.5 * z[0], torch.full((3,), T_MAX), y)
+    torch.testing.assert_close(out, expect)
+
+
+def test_two_step_sampling_renoises_at_t_mid() -> None:
+    m = _model()
+    z = torch.randn(2, 2, 1, 28, 28)
+    y = torch.tensor([4, 10])
+    times = torch.tensor(DEFAULT_SCHEDULES[2])
+    out = consistency_sample(m, z, y, times, 0.5)
+    x0 = m(math.sin(T_MAX) * 0.5 * z[0], torch.full((2,), T_MAX), y)
+    t = 1.1
+    expect = m(math.cos(t) * x0 + math.sin(t) * 0.5 * z[1], torch.full((2,), t), y)
+    torch.testing.assert_close(out, expect)
+
+
+def test_ode_step_is_exact_for_an_exact_denoiser() -> None:
+    """With the exact velocity of a single data point, DDIM in TrigFlow lands on it."""
+    x_data = torch.randn(1, 1, 4, 4) * 0.5
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # x_t = cos t x0 + sin t n  =>  v = cos t n − sin t x0, with n = (x_t − cos t x0)/sin t
+        c, s = torch.cos(t).view(-1, 1, 1, 1), torch.sin(t).view(-1, 1, 1, 1)
+        n = (x - c * x_data) / s
+        return c * n - s * x_data
+
+    out = ode_sample(velocity, torch.randn(1, 1, 4, 4), torch.zeros(1, dtype=torch.long),
+                     torch.tensor(teacher_times(8), dtype=torch.float64).float(), 0.5)
+    torch.testing.assert_close(out, x_data, atol=1e-4, rtol=0)
+
+
+def test_schedules_validate() -> None:
+    for steps, times in DEFAULT_SCHEDULES.items():
+        validate_schedule(steps, times)
+    with pytest.raises(ValueError, match="descending"):
+        validate_schedule(2, (1.0, 1.2))
+    with pytest.raises(ValueError, match="outside"):
+        validate_schedule(1, (1.7,))
+    with pytest.raises(ValueError, match="has 1 times"):
+        validate_schedule(2, (1.5,))

@@ -1,0 +1,190 @@
+"""The HTTP API through httpx's ASGI transport: happy path, every bad-input case, readiness,
+fault isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.settings import Settings
+from tests.server.helpers import app_client
+
+
+def _settings(ckpt: Path, **kw: object) -> Settings:
+    return Settings(checkpoint=str(ckpt), buckets=[1, 2, 4, 8], max_batch_size=8, **kw)
+
+
+def _png(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+async def test_generate_returns_decodable_pngs_and_is_deterministic(tiny_ckpt: Path) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, _):
+        body = {"class_label": 7, "n": 4, "seed": 1}
+        r1 = await c.post("/v1/generate", json=body)
+        r2 = await c.post("/v1/generate", json=body)
+        assert r1.status_code == 200, r1.text
+        j1, j2 = r1.json(), r2.json()
+        assert j1["model"] == "placeholder-untrained" and j1["steps"] == 2
+        assert [d["seed"] for d in j1["data"]] == [1, 2, 3, 4]
+        assert all(d["class_label"] == 7 for d in j1["data"])
+        imgs = [_png(d["b64_json"]) for d in j1["data"]]
+        assert all(i.shape == (28, 28) and i.dtype == np.uint8 for i in imgs)
+        assert all(np.array_equal(_png(a["b64_json"]), _png(b["b64_json"])) for a, b in zip(j1["data"], j2["data"]))
+        assert not np.array_equal(imgs[0], imgs[1])
+        assert set(j1["timings_ms"]) == {"queue", "compute", "encode", "total"}
+        assert r1.headers["x-request-id"]
+        # image i of a request equals the n=1 request with seed + i
+        r3 = await c.post("/v1/generate", json={"class_label": 7, "seed": 3})
+        assert np.array_equal(_png(r3.json()["data"][0]["b64_json"]), imgs[2])
+
+
+async def test_random_seed_is_returned_and_reproduces(tiny_ckpt: Path) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, _):
+        r = (await c.post("/v1/generate", json={"class_label": None, "steps": 1})).json()
+        seed = r["data"][0]["seed"]
+        again = (await c.post("/v1/generate", json={"seed": seed, "steps": 1})).json()
+        assert again["data"][0]["b64_json"] == r["data"][0]["b64_json"]
+        assert r["data"][0]["class_label"] is None
+
+
+async def test_png_response_with_accept_header(tiny_ckpt: Path) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, _):
+        r = await c.post("/v1/generate", json={"class_label": 2, "seed": 5}, headers={"accept": "image/png"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.headers["x-seed"] == "5" and "compute;dur=" in r.headers["server-timing"]
+        assert Image.open(io.BytesIO(r.content)).size == (28, 28)
+        j = (await c.post("/v1/generate", json={"class_label": 2, "seed": 5})).json()
+        assert base64.b64decode(j["data"][0]["b64_json"]) == r.content
+        r = await c.post("/v1/generate", json={"n": 2}, headers={"accept": "image/png"})
+        assert r.status_code == 406
+
+
+BAD = [
+    ({"class_label": 10}, 422, "class_label"),
+    ({"class_label": -1}, 422, "class_label"),
+    ({"n": 0}, 422, "n"),
+    ({"n": 17}, 422, "n"),
+    ({"steps": 0}, 422, "steps"),
+    ({"steps": 5}, 422, "steps"),
+    ({"n": "4"}, 422, "n"),
+    ({"n": 1.5}, 422, "n"),
+    ({"seed": 1.5}, 422, "seed"),
+    ({"seed": -3}, 422, "seed"),
+    ({"seed": 2**63}, 422, "seed"),
+    ({"class_label": "7"}, 422, "class_label"),
+    ({"class_label": True}, 422, "class_label"),
+    ({"response_format": "url"}, 422, "response_format"),
+    ({"timeout_s": 0}, 422, "timeout_s"),
+    ({"prompt": "a cat"}, 422, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD)
+async def test_bad_fields_get_4xx_and_never_reach_the_model(tiny_ckpt: Path, body: dict, status: int,
+                                                           param: str) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+        r = await c.post("/v1/generate", json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"]
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+        assert app.state.cm.batcher.batches_run == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "ctype", "status"),
+    [
+        (b'{"class_label": 7,', "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        (b"\xff\xfe", "application/json", 400),
+        (b'{"class_label": 7}', "text/plain", 415),
+        (b"class_label=7", "application/x-www-form-urlencoded", 415),
+        (b'{"class_label": 7, "pad": "' + b"x" * 20000 + b'"}', "application/json", 413),
+    ],
+)
+async def test_malformed_bodies_get_4xx(tiny_ckpt: Path, content: bytes, ctype: str, status: int) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+        r = await c.post("/v1/generate", content=content, headers={"content-type": ctype})
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["message"]
+        assert app.state.cm.batcher.batches_run == 0
+
+
+async def test_oversized_chunked_body_without_length_gets_413(tiny_ckpt: Path) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(40):
+            yield b" " * 1000
+
+    async with app_client(_settings(tiny_ckpt)) as (c, _):
+        r = await c.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+async def test_models_card_and_health(tiny_ckpt: Path) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, _):
+        card = (await c.get("/v1/models")).json()["data"][0]
+        assert card["id"] == "placeholder-untrained" and card["placeholder"] is True
+        assert card["supported_steps"] == [1, 2, 3, 4] and card["image_size"] == 28
+        assert len(card["classes"]) == 10
+        assert (await c.get("/healthz")).json() == {"status": "ok"}
+        assert (await c.get("/nope")).status_code == 404
+
+
+async def test_readiness_waits_for_warmup(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.engine import Engine
+
+    release = threading.Event()
+    orig = Engine.warmup
+
+    def slow_warmup(self: Engine) -> float:
+        release.wait(10)
+        return orig(self)
+
+    monkeypatch.setattr(Engine, "warmup", slow_warmup)
+    async with app_client(_settings(tiny_ckpt), wait_ready=False) as (c, app):
+        assert (await c.get("/readyz")).status_code == 503
+        assert (await c.get("/healthz")).status_code == 200
+        r = await c.post("/v1/generate", json={})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        release.set()
+        for _ in range(300):
+            if (await c.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        assert (await c.get("/readyz")).status_code == 200
+        assert len(app.state.cm.engine.runner.slots) == 4 * 4  # every bucket x every step count
+        assert (await c.post("/v1/generate", json={})).status_code == 200
+
+
+@pytest.mark.parametrize("fault", ["raise", "nan"])
+async def test_a_failing_batch_gets_500_and_the_next_one_works(tiny_ckpt: Path, fault: str) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+        engine = app.state.cm.engine
+        if fault == "raise":
+            calls = {"n": 0}
+
+            def boom(steps, labels, seeds):  # type: ignore[no-untyped-def]
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("secret internal detail")
+
+            engine.fault = boom
+        else:
+            engine.poison_output = True
+        r = await c.post("/v1/generate", json={"seed": 1}, headers={"x-request-id": "req-123"})
+        assert r.status_code == 500
+        assert r.headers["x-request-id"] == "req-123" and r.json()["request_id"] == "req-123"
+        assert "secret" not in r.text and "Traceback" not in r.text
+        ok = await c.post("/v1/generate", json={"seed": 1})
+        assert ok.status_code == 200
+        metrics = (await c.get("/metrics")).text
+        reason = "exception" if fault == "raise" else "nonfinite"
+        assert f'cmserve_batch_failures_total{{reason="{reason}"}} 1.0' in metrics

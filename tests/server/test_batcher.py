@@ -1,0 +1,181 @@
+"""The batcher with a fake sampler: dispatch on idle, size cap, step grouping, fault isolation,
+deadlines, disconnects and the queue bound."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from server.metrics import Metrics
+
+
+class FakeSampler:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[int]]] = []  # (steps, seeds)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    def __call__(self, steps: int, labels: list[int | None], seeds: list[int]) -> np.ndarray:
+        self.gate.wait(5)
+        self.batches.append((steps, list(seeds)))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected")
+        # image i carries its seed, so results can be matched to requests
+        return np.array(seeds, dtype=np.int64).reshape(-1, 1, 1, 1) * np.ones((1, 2, 2, 1), dtype=np.int64)
+
+
+def _job(steps: int, seeds: list[int], rid: str = "r", timeout: float = 10.0) -> Job:
+    return Job(steps=steps, labels=[None] * len(seeds), seeds=seeds, deadline=time.monotonic() + timeout,
+               request_id=rid, future=asyncio.get_running_loop().create_future())
+
+
+def _batcher(sampler: FakeSampler, **kw: float) -> Batcher:
+    args: dict = {"max_batch_size": 8, "max_queue_images": 100, **kw}
+    b = Batcher(sampler, Metrics(), **args)
+    b.start()
+    return b
+
+
+async def test_idle_worker_dispatches_a_lone_request_at_once() -> None:
+    s = FakeSampler()
+    b = _batcher(s)
+    job = _job(2, [7])
+    b.submit(job)
+    res = await asyncio.wait_for(job.future, 2)
+    assert s.batches == [(2, [7])]
+    assert res.queue_s < 0.05  # no fixed wait before dispatch
+    assert res.images[0, 0, 0, 0] == 7
+    await b.stop()
+
+
+async def test_batches_respect_the_image_cap_and_never_split_requests() -> None:
+    s = FakeSampler()
+    s.gate.clear()  # hold the first batch so the rest accumulate
+    b = _batcher(s)
+    first = _job(2, [0])
+    b.submit(first)
+    await asyncio.sleep(0.05)
+    jobs = [_job(2, [100 * i + k for k in range(3)], f"r{i}") for i in range(6)]  # 6 requests x 3 images
+    for j in jobs:
+        b.submit(j)
+    s.gate.set()
+    results = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+    sizes = [len(seeds) for _, seeds in s.batches[1:]]
+    assert sizes == [6, 6, 6]  # 8-image cap, 3-image requests never split
+    for j, r in zip(jobs, results):
+        assert list(r.images[:, 0, 0, 0]) == j.seeds
+    await b.stop()
+
+
+async def test_a_request_larger_than_the_cap_runs_alone() -> None:
+    s = FakeSampler()
+    b = _batcher(s)
+    big = _job(1, list(range(20)))
+    b.submit(big)
+    res = await asyncio.wait_for(big.future, 2)
+    assert len(res.images) == 20 and s.batches == [(1, list(range(20)))]
+    await b.stop()
+
+
+async def test_requests_with_different_steps_go_to_different_batches() -> None:
+    s = FakeSampler()
+    s.gate.clear()
+    b = _batcher(s)
+    b.submit(_job(1, [0]))
+    await asyncio.sleep(0.05)
+    jobs = [_job(steps, [10 * i + steps]) for i, steps in enumerate([1, 2, 1, 4, 2, 1])]
+    for j in jobs:
+        b.submit(j)
+    s.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+    for steps, seeds in s.batches:
+        assert all(seed % 10 == steps for seed in seeds) or seeds == [0]
+    # the oldest request's step count goes first, and each count is one batch
+    assert [st for st, _ in s.batches[1:]] == [1, 2, 4]
+    await b.stop()
+
+
+async def test_a_failing_batch_fails_only_its_requests_and_the_next_runs() -> None:
+    s = FakeSampler()
+    b = _batcher(s)
+    s.fail_next = True
+    bad = _job(2, [1], "bad")
+    b.submit(bad)
+    with pytest.raises(BatchFailed) as e:
+        await asyncio.wait_for(bad.future, 2)
+    assert e.value.request_ids == ["bad"]
+    good = _job(2, [2], "good")
+    b.submit(good)
+    res = await asyncio.wait_for(good.future, 2)
+    assert res.images[0, 0, 0, 0] == 2
+    assert b.metrics.batch_failures.labels("exception")._value.get() == 1
+    await b.stop()
+
+
+async def test_expired_and_abandoned_requests_never_reach_the_sampler() -> None:
+    s = FakeSampler()
+    s.gate.clear()
+    b = _batcher(s)
+    b.submit(_job(2, [0]))
+    await asyncio.sleep(0.05)
+    expired = _job(2, [1], timeout=0.01)
+    gone = _job(2, [2])
+    gone.client_gone = True
+    live = _job(2, [3])
+    for j in (expired, gone, live):
+        b.submit(j)
+    await asyncio.sleep(0.05)
+    s.gate.set()
+    await asyncio.wait_for(live.future, 2)
+    with pytest.raises(DeadlineExceeded):
+        await expired.future
+    assert gone.future.cancelled()
+    computed = [seed for _, seeds in s.batches for seed in seeds]
+    assert computed == [0, 3]
+    await b.stop()
+
+
+async def test_queue_bound_rejects_with_retry_after_and_stop_answers_the_rest() -> None:
+    s = FakeSampler()
+    s.gate.clear()
+    b = _batcher(s, max_queue_images=5)
+    b.submit(_job(2, [0]))
+    await asyncio.sleep(0.05)  # now running, queue empty
+    waiting = _job(2, [1, 2, 3, 4])
+    b.submit(waiting)
+    with pytest.raises(QueueFull) as e:
+        b.submit(_job(2, [5, 6]))
+    assert e.value.retry_after_s >= 1
+    b.submit(_job(2, [7]))  # exactly fills the bound
+    s.gate.set()
+    await asyncio.wait_for(waiting.future, 2)
+    s.gate.clear()
+    b.submit(_job(2, [8]))
+    await asyncio.sleep(0.05)
+    tail = _job(2, [9])
+    b.submit(tail)
+    s.gate.set()
+    await b.stop()
+    assert tail.future.done()  # answered: either computed or Draining
+    if tail.future.exception() is not None:
+        assert isinstance(tail.future.exception(), Draining)
+
+
+async def test_max_wait_holds_a_partial_batch_for_company() -> None:
+    s = FakeSampler()
+    b = _batcher(s, max_wait_s=0.2)
+    a = _job(2, [1])
+    b.submit(a)
+    await asyncio.sleep(0.05)
+    c = _job(2, [2])
+    b.submit(c)
+    await asyncio.wait_for(asyncio.gather(a.future, c.future), 2)
+    assert s.batches == [(2, [1, 2])]
+    await b.stop()

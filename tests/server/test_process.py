@@ -1,0 +1,49 @@
+"""A real server process: requests over TCP, then /metrics counts and sums moved as they should."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import serve_process
+
+pytestmark = pytest.mark.slow
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+    assert m, f"{name}{labels} not in /metrics"
+    return float(m.group(1))
+
+
+def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -> None:
+    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4,8", tmp=tmp_path) as sp, \
+            httpx.Client(base_url=sp.url, timeout=30) as c:
+        before = c.get("/metrics").text
+        assert _sample(before, "cmserve_ready") == 1.0
+        n_images = 0
+        for i in range(6):
+            n = 1 + i % 3
+            r = c.post("/v1/generate", json={"class_label": i % 10, "n": n, "seed": i, "steps": 1 + i % 2})
+            assert r.status_code == 200
+            n_images += n
+        assert c.post("/v1/generate", json={"n": 0}).status_code == 422
+        after = c.get("/metrics").text
+        assert _sample(after, "cmserve_images_generated_total") == n_images
+        assert _sample(after, "cmserve_requests_total", '{code="200",route="/v1/generate"}') == 6
+        assert _sample(after, "cmserve_requests_total", '{code="422",route="/v1/generate"}') == 1
+        assert _sample(after, "cmserve_request_duration_seconds_count", '{route="/v1/generate"}') == 7
+        assert _sample(after, "cmserve_request_duration_seconds_sum", '{route="/v1/generate"}') > 0
+        assert _sample(after, "cmserve_queue_wait_seconds_count") == 6
+        assert _sample(after, "cmserve_batch_size_images_sum") == n_images
+        assert _sample(after, "cmserve_encode_seconds_count") == 6
+        computed = _sample(after, "cmserve_batch_compute_seconds_count", '{steps="1"}') + \
+            _sample(after, "cmserve_batch_compute_seconds_count", '{steps="2"}')
+        assert computed == _sample(after, "cmserve_batch_size_images_count") == 6
+        # buckets are dense from 1 ms: the 1 ms bucket exists, so histogram_quantile can resolve it
+        assert 'cmserve_request_duration_seconds_bucket{le="0.001",route="/v1/generate"}' in after
+        assert _sample(after, "cmserve_queue_depth_images") == 0
+        assert _sample(after, "cmserve_inflight_requests") == 0
