@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-export TRITON_INTERPRET ?= 1
+
 
 .PHONY: serve test test-fast lint bench loadtest gpu-check train eval fuzz soak ops-tools clean
 
@@ -24,10 +24,10 @@ serve: $(VENV)/.serve
 	$(VENV)/bin/cmserve serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test ops-tools
-	$(PY) -m pytest
+	TRITON_INTERPRET=1 $(PY) -m pytest
 
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -m "not slow"
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow"
 
 ops-tools: $(VENV)/.test
 	deploy/install-tools.sh $(VENV)

@@ -49,10 +49,10 @@ def backend_for(x: torch.Tensor) -> str:
     return "reference"
 
 
-def _dispatch(name: str) -> Callable[..., torch.Tensor]:
+def _dispatch(name: str) -> Callable[..., Any]:
     ref = getattr(reference, name)
 
-    def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if backend_for(x) == "triton":
             from kernels import triton_ops  # imported lazily: triton is optional on the CPU
 
@@ -67,6 +67,7 @@ def _dispatch(name: str) -> Callable[..., torch.Tensor]:
 adaln_norm = _dispatch("adaln_norm")
 gated_residual = _dispatch("gated_residual")
 attention = _dispatch("attention")
+residual_adaln_norm = _dispatch("residual_adaln_norm")
 
 __all__ = [
     "adaln_norm",
@@ -75,6 +76,7 @@ __all__ = [
     "force_triton",
     "gated_residual",
     "reference",
+    "residual_adaln_norm",
     "triton_available",
     "use_reference",
 ]

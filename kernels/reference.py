@@ -52,3 +52,12 @@ def attention(
     if k_weight is not None:
         k = rms_norm(k, k_weight, eps)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def residual_adaln_norm(
+    x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x' = x + gate[b]·h, adaln_norm(x', shift, scale)): a residual and the next norm."""
+    x_new = gated_residual(x, gate, h)
+    return x_new, adaln_norm(x_new, shift, scale, eps)

@@ -70,10 +70,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # x: [B, N, D]; c: [B, D] (already SiLU-activated)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
-        x = kernels.gated_residual(x, gate1, self.attn(kernels.adaln_norm(x, shift1, scale1)))
-        x = kernels.gated_residual(x, gate2, self.mlp(kernels.adaln_norm(x, shift2, scale2)))
-        return x
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # each [B, D]
+        a = self.attn(kernels.adaln_norm(x, shift1, scale1))
+        # x + gate1·a and the MLP's adaLN norm of it, fused into one pass over the row
+        x, h = kernels.residual_adaln_norm(x, gate1, a, shift2, scale2)
+        return kernels.gated_residual(x, gate2, self.mlp(h))
 
 
 class DiT(nn.Module):

@@ -1,0 +1,129 @@
+"""Flash-attention forward for the DiT: non-causal, QK-RMSNorm fused, any N, head dims 16-128.
+
+Per (batch*head, block of BLOCK_M queries): normalize q (RMS over the real head dim, times its
+weight) and fold in softmax's 1/sqrt(Dh) and log2(e) so the loop can use exp2; then stream K/V
+in blocks of BLOCK_N, normalizing each K block the same way, with the online softmax of
+FlashAttention (Dao et al. 2022; Triton tutorial 06): running max m, running sum l, and the fp32
+accumulator rescaled by exp2(m_old − m_new). Tails past N are masked to −inf (keys) or not
+stored (queries); head dims that are not a power of two are zero-padded to BLOCK_D, which
+leaves dot products and the RMS (divided by the real Dh) unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms(x, w, Dh, eps):
+    # x: [BLOCK, BLOCK_D] fp32 with zero padding; w: [BLOCK_D] fp32
+    ms = tl.sum(x * x, axis=1) / Dh
+    return x * (1.0 / tl.sqrt(ms + eps))[:, None] * w[None, :]
+
+
+@triton.jit
+def _attention_kernel(
+    Q, K, V, QW, KW, O,
+    H, N, Dh,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    qk_scale, eps,
+    QK_NORM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < Dh
+    q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & d_mask[None, :], other=0.0).to(tl.float32)
+    if QK_NORM:
+        qw = tl.load(QW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        kw = tl.load(KW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        q = _rms(q, qw, Dh, eps)
+    q = (q * qk_scale).to(DOT_DTYPE)  # qk_scale = log2(e)/sqrt(Dh)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        if QK_NORM:
+            k = _rms(k.to(tl.float32), kw, Dh, eps)
+        k = k.to(DOT_DTYPE)
+        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], log2 domain
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_mask[None, :])
+
+
+_DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _blocks(N: int, Dh: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every block dim >= 16."""
+    block_d = max(16, triton.next_power_of_2(Dh))
+    block_n = max(16, min(64, triton.next_power_of_2(N)))
+    block_m = max(16, min(64 if block_d <= 64 else 32, triton.next_power_of_2(N)))
+    return block_m, block_n, block_d, 4 if block_d <= 64 else 8
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q, k, v: [B, H, N, Dh] (any strides, last dim contiguous) -> [B, H, N, Dh].
+
+    The default output is a [B, H, N, Dh] view of a contiguous [B, N, H, Dh] buffer, so the
+    caller's transpose(1, 2).reshape(B, N, H*Dh) costs nothing.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share a [B, H, N, Dh] shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("QK-norm needs both q_weight and k_weight")
+    B, H, N, Dh = q.shape
+    if not 1 <= Dh <= 128:
+        raise ValueError(f"head dim {Dh} outside 1..128")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v need one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    o = out if out is not None else torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
+    block_m, block_n, block_d, warps = _blocks(N, Dh)
+    qk_norm = q_weight is not None
+    qw = q_weight if qk_norm else q
+    kw = k_weight if qk_norm else q
+    # Dots run in the input dtype (tensor cores); the CPU interpreter's bf16 dot is wrong (numpy
+    # has no bf16), so there bf16 operands are upcast to fp32 — loads and stores stay bf16.
+    dot_dtype = _DOT_DTYPES[q.dtype]
+    if q.dtype == torch.bfloat16 and (q.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):
+        dot_dtype = tl.float32
+    grid = (triton.cdiv(N, block_m), B * H)
+    _attention_kernel[grid](
+        q, k, v, qw, kw, o, H, N, Dh,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        math.log2(math.e) / math.sqrt(Dh), eps,
+        QK_NORM=qk_norm, DOT_DTYPE=dot_dtype, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+    )
+    return o

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from tests.kernels.conftest import DTYPES, LAUNCHES, assert_close_to_fp32
+
+# (B, H, N, Dh): sequence lengths 1, 49 (the model), 77, 257; head dims 16..128 incl. 24, 40, 80
+CASES = [(2, 3, 1, 16), (2, 6, 49, 32), (1, 2, 77, 24), (1, 2, 257, 64), (1, 1, 33, 128), (2, 2, 49, 40),
+         (1, 2, 20, 80)]
+
+
+def _qkv(B: int, H: int, N: int, Dh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # strided like the model's: one [B, N, 3, H, Dh] projection permuted to 3 x [B, H, N, Dh]
+    qkv = torch.randn(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qknorm", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_attention_matches_reference(case: tuple[int, int, int, int], dtype: torch.dtype, qk_norm: bool) -> None:
+    torch.manual_seed(sum(case))
+    q, k, v = _qkv(*case)
+    Dh = case[3]
+    w = (torch.rand(Dh) + 0.5, torch.rand(Dh) + 0.5) if qk_norm else (None, None)
+    ref32 = reference.attention(q, k, v, *w)
+    lp = [t.to(dtype) for t in (q, k, v)]
+    wl = [None if t is None else t.to(dtype) for t in w]
+    n0 = LAUNCHES["_attention_kernel"]
+    out = kernels.attention(*lp, *wl)
+    assert LAUNCHES["_attention_kernel"] == n0 + 1
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close_to_fp32(out, reference.attention(*lp, *wl), ref32, dtype)
+
+
+def test_softmax_is_over_all_keys_including_the_tail() -> None:
+    """A key in the masked tail block must count: put the only relevant value at the last row."""
+    B, H, N, Dh = 1, 1, 65, 16  # 65 = one full block of 64 + a tail of 1
+    q = torch.zeros(B, H, N, Dh)
+    k = torch.zeros(B, H, N, Dh)
+    v = torch.zeros(B, H, N, Dh)
+    q[..., 0] = 10.0
+    k[..., -1, 0] = 10.0  # only the last key matches
+    v[..., -1, :] = 1.0
+    out = kernels.attention(q, k, v)
+    torch.testing.assert_close(out, reference.attention(q, k, v), atol=1e-5, rtol=0)
+    assert out[..., 0].min() > 0.99
+
+
+def test_bad_inputs_are_refused() -> None:
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="share"):
+        kernels.attention(q, q, torch.randn(1, 1, 5, 16))
+    with pytest.raises(ValueError, match="both"):
+        kernels.attention(q, q, q, torch.ones(16), None)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.attention(*(torch.randn(1, 1, 2, 160),) * 3)
