@@ -1,0 +1,86 @@
+"""Kernel benchmarks (not tests): each Triton op against its torch reference, on a GPU.
+
+    python -m kernels.bench --json out.json
+
+Norms are reported in GB/s (bytes read + written once), attention in TFLOP/s (4·B·H·N²·Dh),
+timed with `triton.testing.do_bench` (warm-up, then the median of many runs, synced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels import reference
+
+
+def _bench(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100))  # ms
+
+
+def bench_norm(device: str, dtype: torch.dtype, rows: int, D: int) -> dict[str, Any]:
+    from kernels.adaln_norm_kernel import adaln_norm, residual_adaln_norm
+
+    B, N = max(rows // 49, 1), 49
+    x, h = torch.randn(B, N, D, device=device, dtype=dtype), torch.randn(B, N, D, device=device, dtype=dtype)
+    mods = torch.randn(B, 3 * D, device=device, dtype=dtype).chunk(3, dim=-1)
+    el = x.element_size()
+    out: dict[str, Any] = {"op": "adaln_norm", "dtype": str(dtype), "B": B, "N": N, "D": D}
+    nbytes = 2 * x.numel() * el
+    out["triton_ms"] = _bench(lambda: adaln_norm(x, mods[1], mods[2]))
+    out["torch_ms"] = _bench(lambda: reference.adaln_norm(x, mods[1], mods[2]))
+    out["triton_gbps"], out["torch_gbps"] = nbytes / out["triton_ms"] / 1e6, nbytes / out["torch_ms"] / 1e6
+    rb = 4 * x.numel() * el  # x, h in; x', y out
+    out["residual_triton_ms"] = _bench(lambda: residual_adaln_norm(x, mods[0], h, mods[1], mods[2]))
+    out["residual_torch_ms"] = _bench(lambda: reference.residual_adaln_norm(x, mods[0], h, mods[1], mods[2]))
+    out["residual_triton_gbps"] = rb / out["residual_triton_ms"] / 1e6
+    return out
+
+
+def bench_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh: int) -> dict[str, Any]:
+    from kernels.attention_kernel import attention
+
+    q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype) for _ in range(3))
+    w = torch.ones(Dh, device=device, dtype=dtype)
+    flops = 4 * B * H * N * N * Dh
+    out: dict[str, Any] = {"op": "attention", "dtype": str(dtype), "B": B, "H": H, "N": N, "Dh": Dh}
+    out["triton_ms"] = _bench(lambda: attention(q, k, v, w, w))
+    out["torch_ms"] = _bench(lambda: reference.attention(q, k, v, w, w))
+    out["triton_tflops"], out["torch_tflops"] = flops / out["triton_ms"] / 1e9, flops / out["torch_ms"] / 1e9
+    return out
+
+
+def run(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
+    dtypes = [torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
+    rows = []
+    for dt in dtypes:
+        for r, D in ([(64 * 49, 192)] if quick else [(64 * 49, 192), (256 * 49, 1152), (4096, 4096)]):
+            rows.append(bench_norm(device, dt, r, D))
+        for B, H, N, Dh in ([(64, 6, 49, 32)] if quick else [(64, 6, 49, 32), (16, 16, 256, 72), (4, 16, 1024, 64)]):
+            rows.append(bench_attention(device, dt, B, H, N, Dh))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench needs a CUDA GPU (the CPU interpreter is for correctness, not speed)")
+    rows = run("cuda", args.quick)
+    for r in rows:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

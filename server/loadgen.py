@@ -1,0 +1,139 @@
+"""Open-loop load generation: Poisson arrivals that never wait for responses.
+
+Each request is scheduled at its arrival time and its latency is measured from that scheduled
+time, so a slow server cannot slow the arrivals down and hide its own tail (coordinated
+omission). The HTTP/1.1 client is a few lines over asyncio streams with a keep-alive connection
+pool: far cheaper per request than a general client, which matters when the load generator
+shares 2 cores with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RawHTTP:
+    def __init__(self, host: str, port: int, max_conns: int = 1024) -> None:
+        self.host, self.port = host, port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.sem = asyncio.Semaphore(max_conns)
+
+    async def post(self, path: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+        async with self.sem:
+            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+            r, w = conn
+            try:
+                w.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+                await w.drain()
+                status, payload, keep = await asyncio.wait_for(self._read(r), timeout)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
+                w.close()
+                return 0, b""
+            if keep:
+                self.idle.append(conn)
+            else:
+                w.close()
+            return status, payload
+
+    @staticmethod
+    async def _read(r: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+        status = int((await r.readline()).split()[1])
+        length, keep = 0, True
+        while (line := await r.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode("latin-1").partition(":")
+            k = k.strip().lower()
+            if k == "content-length":
+                length = int(v)
+            elif k == "connection" and v.strip().lower() == "close":
+                keep = False
+        return status, await r.readexactly(length), keep
+
+    def close(self) -> None:
+        for _, w in self.idle:
+            w.close()
+        self.idle.clear()
+
+
+@dataclass
+class RunResult:
+    rate: float
+    duration_s: float
+    sent: int = 0
+    latencies_ok: list[float] = field(default_factory=list)  # seconds, 2xx only
+    statuses: dict[int, int] = field(default_factory=dict)
+    images_ok: int = 0
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ok)
+
+        def q(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1e3, 2) if lat else None
+
+        rejected = sum(v for k, v in self.statuses.items() if k in (429, 503))
+        errors = sum(v for k, v in self.statuses.items() if not (200 <= k < 300) and k not in (429, 503))
+        return {
+            "rate_rps": round(self.rate, 2), "sent": self.sent, "ok": len(lat), "rejected": rejected,
+            "errors": errors, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "throughput_images_per_s": round(self.images_ok / self.wall_s, 2) if self.wall_s else 0.0,
+            "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99), "max_ms": round(lat[-1] * 1e3, 2) if lat else None,
+        }
+
+
+def make_body(rng: random.Random, n: int = 1, steps: int = 2) -> bytes:
+    return json.dumps({"class_label": rng.randrange(10), "seed": rng.randrange(2**31), "n": n,
+                       "steps": steps}).encode()
+
+
+async def open_loop(host: str, port: int, rate: float, duration_s: float, seed: int = 0,
+                    body_fn: Any = None, path: str = "/v1/generate", timeout: float = 60.0) -> RunResult:
+    """Send Poisson arrivals at `rate` req/s for `duration_s`; wait for every answer."""
+    rng = random.Random(seed)
+    body_fn = body_fn or (lambda r: (make_body(r), 1))
+    client = RawHTTP(host, port)
+    res = RunResult(rate, duration_s)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(t_sched: float, body: bytes, n: int) -> None:
+        status, _ = await client.post(path, body, timeout)
+        res.statuses[status] = res.statuses.get(status, 0) + 1
+        if 200 <= status < 300:
+            res.latencies_ok.append(time.perf_counter() - t_sched)
+            res.images_ok += n
+
+    t0 = time.perf_counter()
+    t = 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > duration_s:
+            break
+        delay = t0 + t - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        body, n = body_fn(rng)
+        tasks.append(asyncio.create_task(one(t0 + t, body, n)))
+        res.sent += 1
+    await asyncio.gather(*tasks)
+    res.wall_s = time.perf_counter() - t0
+    client.close()
+    return res
+
+
+async def closed_loop(host: str, port: int, count: int, seed: int = 0, path: str = "/v1/generate") -> list[float]:
+    """One request at a time: the unloaded latency (seconds) of each."""
+    rng = random.Random(seed)
+    client = RawHTTP(host, port)
+    out = []
+    for _ in range(count):
+        t = time.perf_counter()
+        status, _ = await client.post(path, make_body(rng))
+        if status == 200:
+            out.append(time.perf_counter() - t)
+    client.close()
+    return out

@@ -1,0 +1,43 @@
+"""The benchmark harness keeps working: tiny --quick runs, with the keys the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(*args: str, tmp: Path) -> dict:
+    out = tmp / "out.json"
+    subprocess.run([sys.executable, "-m", "server.cli", "bench", *args, "--quick", "--json", str(out)], cwd=ROOT,
+                   check=True, timeout=240, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_sampler_bench_quick(tmp_path: Path) -> None:
+    r = _bench("sampler", tmp=tmp_path)
+    batches = {row["batch"] for row in r["rows"]}
+    assert batches == {1, 8, 64}
+    assert all(row["images_per_s"] > 0 and row["ms_per_batch"] > 0 for row in r["rows"])
+
+
+def test_server_bench_quick(tmp_path: Path) -> None:
+    r = _bench("server", "--plot", str(tmp_path / "plot.png"), tmp=tmp_path)
+    for key in ("raw_images_per_s", "saturation_images_per_s", "efficiency", "idle_overhead_ms",
+                "p99_over_p50_at_70pct", "max_rate_under_slo", "slo_ms"):
+        assert key in r, key
+    assert set(r["max_rate_under_slo"]) >= {"cmserve", "litserve", "plain", "cmserve_no_batching"}
+    for name, cfg in r["configs"].items():
+        sent = sum(row["sent"] for row in cfg["sweep"])
+        answered = sum(sum(row["statuses"].values()) for row in cfg["sweep"])
+        assert sent == answered > 0, name  # open loop: every request sent got a status
+        assert all(row["errors"] == 0 for row in cfg["sweep"]), (name, cfg["sweep"])
+    assert r["configs"]["cmserve"]["sweep"][0]["server_p50_ms"] is not None
+    assert (tmp_path / "plot.png").stat().st_size > 1000
