@@ -58,3 +58,11 @@ class Metrics:
             "cmserve_graph_pool_bytes", "Device memory held by the captured graphs' pool.", registry=r)
         self.ready = Gauge("cmserve_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r)
         self.draining = Gauge("cmserve_draining", "1 while shutting down (draining), else 0.", registry=r)
+        # Export every known label value at 0 from the start, so rates and alerts see a series
+        # before the first event instead of nothing.
+        for reason in ("queue_full", "deadline", "disconnected", "draining"):
+            self.rejected.labels(reason)
+        for reason in ("exception", "nonfinite"):
+            self.batch_failures.labels(reason)
+        for mode in ("graph", "eager"):
+            self.runner_runs.labels(mode)

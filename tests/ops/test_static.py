@@ -1,0 +1,81 @@
+"""Static validation of everything that cannot run here (no Docker engine, no cluster, no Grafana)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.ops.helpers import DEPLOY, ROOT, dashboard_exprs, run, tool
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]])
+def test_compose_files_validate(files: list[str]) -> None:
+    args = [a for f in files for a in ("-f", f)]
+    run(tool("docker-compose"), *args, "config", "-q")
+    cfg = yaml.safe_load(run(tool("docker-compose"), *args, "config").stdout)
+    assert set(cfg["services"]) == {"cmserve", "prometheus", "grafana"}
+    gpu = "deploy" in cfg["services"]["cmserve"]
+    assert gpu == (len(files) == 1)  # the CPU override drops the GPU reservation
+
+
+def test_dockerfile_lints_clean() -> None:
+    run(tool("hadolint"), "--failure-threshold", "warning", "Dockerfile")
+    text = (ROOT / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in text and "USER 10001" in text and 'CMD ["cmserve", "serve"' in text
+
+
+def test_kubernetes_manifests_validate(tmp_path: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        rendered = tmp_path / "all.yaml"
+        rendered.write_text(run(kubectl, "kustomize", str(DEPLOY / "kubernetes")).stdout)
+        files = [str(rendered)]
+    else:
+        files = [str(p) for p in sorted((DEPLOY / "kubernetes").glob("*.yaml")) if p.name != "kustomization.yaml"]
+    out = run(tool("kubernetes-validate"), "--strict", *files)
+    assert "passed for resource deployment/cmserve" in out.stdout + out.stderr
+    docs = [d for f in files for d in yaml.safe_load_all(Path(f).read_text()) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PodMonitor"} <= kinds
+    dep = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    c = dep["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "preStop" in c["lifecycle"]
+    grace = int(next(e["value"] for e in c["env"] if e["name"] == "CMSERVE_SHUTDOWN_GRACE_S"))
+    assert dep["terminationGracePeriodSeconds"] > grace  # drain fits inside the kill deadline
+
+
+def test_promtool_checks_config_and_rules(tmp_path: Path) -> None:
+    promtool = tool("promtool")
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    cfg["rule_files"] = [str(DEPLOY / "prometheus" / "rules" / "*.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    run(promtool, "check", "config", str(tmp_path / "prometheus.yml"))
+    run(promtool, "check", "rules", *map(str, sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))))
+    out = run(promtool, "test", "rules", "tests/rules_test.yml", cwd=DEPLOY / "prometheus")
+    assert "SUCCESS" in out.stdout
+
+
+def test_every_dashboard_query_parses(tmp_path: Path) -> None:
+    """promtool parses each panel's PromQL (wrapped as a recording rule)."""
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 15
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e}
+                                                         for i, e in enumerate(exprs)]}]}
+    f = tmp_path / "dash_rules.yml"
+    f.write_text(yaml.safe_dump(rules))
+    run(tool("promtool"), "check", "rules", str(f))
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "cmserve.json").read_text())
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for want in ("p50 / p95 / p99", "queue wait vs batch compute", "images per second", "batch size", "queue depth",
+                 "errors", "padding"):
+        assert want in titles, want
+    prov = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert prov["datasources"][0]["uid"] == dash["panels"][0]["datasource"]["uid"]
