@@ -29,7 +29,7 @@ from server.engine import Engine
 from server.errors import EdgeMiddleware, error_response, first_validation_error, request_id_of
 from server.metrics import Metrics
 from server.schemas import (
-    MAX_SEED, ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ImageData, ModelCardResponse,
+    ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ImageData, ModelCardResponse,
     ModelList, Timings,
 )
 from server.settings import Settings
@@ -118,7 +118,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     app = FastAPI(title="cmserve", version="0.1.0", lifespan=lifespan,
                   description="Few-step consistency model inference server.")
     app.state.cm = st
-    app.add_middleware(EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       draining=lambda: st.draining)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout"])
@@ -185,12 +186,29 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = _orig_openapi()
-            schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = (
-                GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}"))
+            req = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            _limit_schema(req, st)
+            schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = req
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
+    """Write the limits of this server and its model into the request schema, so clients (and
+    schemathesis) see exactly what is accepted: n up to max_images_per_request, the model's
+    classes and step counts."""
+    props = req["properties"]
+    props["n"]["maximum"] = st.settings.max_images_per_request
+    if st.engine is not None:
+        card = st.engine.card
+        for alt in props["class_label"].get("anyOf", []):
+            if alt.get("type") == "integer":
+                alt["maximum"] = card.arch.num_classes - 1
+        props["steps"].pop("maximum", None)
+        props["steps"].pop("minimum", None)
+        props["steps"]["enum"] = card.steps
 
 
 def model_card(engine: Engine) -> ModelCardResponse:
@@ -251,8 +269,6 @@ async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateR
         raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
     if req.n > st.settings.max_images_per_request:
         raise ApiError(422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large")
-    if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
-        raise ApiError(422, f"seed + n - 1 must be at most {MAX_SEED}", param="seed", code="invalid_value")
     return req
 
 
@@ -285,6 +301,7 @@ def _encode(images: Any) -> list[bytes]:
 async def _generate(request: Request, st: ServerState) -> Any:
     t_arrive = time.monotonic()
     if st.draining:
+        st.metrics.rejected.labels("draining").inc()
         raise ApiError(503, "server is shutting down", code="draining", headers={"Retry-After": "1"})
     if not st.ready or st.engine is None or st.batcher is None:
         raise ApiError(503, "model is loading", code="not_ready", headers={"Retry-After": "5"})

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import uvicorn
@@ -93,9 +94,13 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = loop.create_task(self._drain())
 
     async def _drain(self) -> None:
+        t0 = time.monotonic()
+        grace = self.cm.settings.shutdown_grace_s
         if self.cm.batcher is not None:
-            await self.cm.batcher.drain(self.cm.settings.shutdown_grace_s)
+            await self.cm.batcher.drain(grace)
         await asyncio.sleep(0.05)  # let the last responses reach their sockets
+        # uvicorn then waits for open connections, within what is left of the grace period
+        self.config.timeout_graceful_shutdown = max(1, int(grace - (time.monotonic() - t0)))
         self.should_exit = True
 
 

@@ -10,6 +10,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -47,13 +48,15 @@ class EdgeMiddleware:
     """Assigns the request id, caps the body size, and counts every response by route and code.
 
     Pure ASGI (not BaseHTTPMiddleware) so `receive` reaches the route untouched and a client
-    disconnect stays visible there.
+    disconnect stays visible there. While draining it turns keep-alive off.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +75,12 @@ class EdgeMiddleware:
         async def send_wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                extra = [(b"x-request-id", rid.encode())]
+                if self.draining():
+                    # no keep-alive while draining: a client's next request opens a new connection,
+                    # which gets a 503 or is refused, never lost on a connection being closed
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**62  # seed + i stays well inside int64 for any n
 
 
 class GenerateRequest(BaseModel):
@@ -25,7 +25,7 @@ class GenerateRequest(BaseModel):
         None, ge=0, le=MAX_SEED,
         description="Image i uses seed + i; omitted = random, returned per image.",
     )
-    steps: StrictInt = Field(2, ge=1, le=4, description="Sampler steps (network evaluations per image).")
+    steps: StrictInt = Field(2, ge=1, le=64, description="Sampler steps: one of the model's supported counts.")
     response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNGs in JSON for now.")
     timeout_s: StrictFloat | StrictInt | None = Field(
         None, gt=0, le=3600, description="Deadline in seconds (capped by the server's max); 504 when it passes."

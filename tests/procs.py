@@ -33,14 +33,33 @@ class ServerProc:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def metric(self, name: str, labels: str = "") -> float:
+        import re
+
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        total, found = 0.0, False
+        for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
+            if labels and labels not in (m.group(1) or ""):
+                continue
+            total += float(m.group(2))
+            found = True
+        assert found, f"{name}{{{labels}}} not exported"
+        return total
+
 
 @contextmanager
 def serve_process(*args: str, tmp: Path, env: dict[str, str] | None = None, ready_timeout: float = 120,
-                  wait_ready: bool = True) -> Iterator[ServerProc]:
+                  wait_ready: bool = True, module: str = "server.cli") -> Iterator[ServerProc]:
     port = free_port()
     log = tmp / f"server-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", module, *(["serve"] if module == "server.cli" else []), "--port", str(port), *args]
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
     sp = ServerProc(f"http://127.0.0.1:{port}", proc, log)
