@@ -195,10 +195,27 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     return app
 
 
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(node: Any) -> None:
+    """pydantic leaves constraints that follow a before-validator as raw ge/le/gt/lt keys;
+    rename them to the JSON Schema keywords clients understand."""
+    if isinstance(node, dict):
+        for k in [k for k in node if k in _BOUNDS]:
+            node[_BOUNDS[k]] = node.pop(k)
+        for v in node.values():
+            _json_schema_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _json_schema_bounds(v)
+
+
 def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
     """Write the limits of this server and its model into the request schema, so clients (and
     schemathesis) see exactly what is accepted: n up to max_images_per_request, the model's
     classes and step counts."""
+    _json_schema_bounds(req)
     props = req["properties"]
     props["n"]["maximum"] = st.settings.max_images_per_request
     if st.engine is not None:

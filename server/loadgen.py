@@ -24,22 +24,40 @@ class RawHTTP:
         self.sem = asyncio.Semaphore(max_conns)
 
     async def post(self, path: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+        """-> (status, body); status 0 when no response came. A pooled connection the server
+        closed while idle (keep-alive timeout) is retried once on a fresh one, as HTTP clients do."""
         async with self.sem:
-            conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-            r, w = conn
-            try:
-                w.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
-                await w.drain()
-                status, payload, keep = await asyncio.wait_for(self._read(r), timeout)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError):
-                w.close()
-                return 0, b""
-            if keep:
-                self.idle.append(conn)
-            else:
-                w.close()
-            return status, payload
+            for attempt in range(2):
+                reused = bool(self.idle) and attempt == 0
+                conn = self.idle.pop() if reused else await self._connect()
+                if conn is None:
+                    return 0, b""
+                r, w = conn
+                try:
+                    w.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+                    await w.drain()
+                    status, payload, keep = await asyncio.wait_for(self._read(r), timeout)
+                except asyncio.TimeoutError:  # the server may be working on it: never resend
+                    w.close()
+                    return 0, b""
+                except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    w.close()
+                    if reused:
+                        continue
+                    return 0, b""
+                if keep:
+                    self.idle.append(conn)
+                else:
+                    w.close()
+                return status, payload
+            return 0, b""
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            return await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            return None
 
     @staticmethod
     async def _read(r: asyncio.StreamReader) -> tuple[int, bytes, bool]:

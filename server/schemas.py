@@ -1,6 +1,7 @@
 """Request and response bodies of the REST API (OpenAI images API naming where it fits).
 
-Types are strict: "n": "4" or "seed": 1.5 are rejected, not coerced, and unknown fields are
+Types are strict: "n": "4", "n": true or "seed": 1.5 are rejected, not coerced (4.0 is an
+integer, as in JSON Schema), and unknown fields are
 errors. Limits that depend on the loaded model or the settings (class range, supported steps,
 max n) are checked in the route, before anything is queued.
 """
@@ -9,26 +10,41 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from typing import Annotated, Any
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+
+
+
+def _json_int(v: Any) -> Any:
+    """JSON Schema's integer: 7 and 7.0 are integers; "7", true and 7.5 are not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be an integer")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError("must be an integer")
+        return int(v)
+    return v
+
+
+JsonInt = Annotated[StrictInt, BeforeValidator(_json_int)]
 MAX_SEED = 2**62  # seed + i stays well inside int64 for any n
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    class_label: StrictInt | None = Field(
-        None, ge=0, description="Class to draw (see GET /v1/models); null = unconditional."
+    class_label: Annotated[JsonInt, Field(ge=0)] | None = Field(
+        None, description="Class to draw (see GET /v1/models); null = unconditional."
     )
-    n: StrictInt = Field(1, ge=1, description="Number of images (at most the server's max_images_per_request).")
-    seed: StrictInt | None = Field(
-        None, ge=0, le=MAX_SEED,
-        description="Image i uses seed + i; omitted = random, returned per image.",
+    n: JsonInt = Field(1, ge=1, description="Number of images (at most the server's max_images_per_request).")
+    seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description="Image i uses seed + i; omitted = random, returned per image."
     )
-    steps: StrictInt = Field(2, ge=1, le=64, description="Sampler steps: one of the model's supported counts.")
+    steps: JsonInt = Field(2, ge=1, le=64, description="Sampler steps: one of the model's supported counts.")
     response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNGs in JSON for now.")
-    timeout_s: StrictFloat | StrictInt | None = Field(
-        None, gt=0, le=3600, description="Deadline in seconds (capped by the server's max); 504 when it passes."
+    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = Field(
+        None, description="Deadline in seconds (capped by the server's max); 504 when it passes."
     )
 
 
