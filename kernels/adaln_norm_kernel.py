@@ -18,10 +18,22 @@ import triton.language as tl
 
 @triton.jit
 def _adaln_norm_kernel(
-    X, H, GATE, SHIFT, SCALE, Y, XOUT,
-    N, D,
-    stride_x, stride_h, stride_y, stride_xo,  # row strides (last dim contiguous)
-    stride_g, stride_sh, stride_sc,  # row strides of gate/shift/scale ([B, D] views of the adaLN output)
+    X,
+    H,
+    GATE,
+    SHIFT,
+    SCALE,
+    Y,
+    XOUT,
+    N,
+    D,
+    stride_x,
+    stride_h,
+    stride_y,
+    stride_xo,  # row strides (last dim contiguous)
+    stride_g,
+    stride_sh,
+    stride_sc,  # row strides of gate/shift/scale ([B, D] views of the adaLN output)
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -75,7 +87,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def adaln_norm(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: [B, N, D]; shift, scale: [B, D] -> y: [B, N, D] (out= reuses a buffer, e.g. in a CUDA graph)."""
     _check(x, shift, scale)
@@ -84,15 +100,36 @@ def adaln_norm(
     y = out if out is not None else torch.empty_like(x)
     block, warps = _launch_params(D)
     _adaln_norm_kernel[(B * N,)](
-        x, x, shift, shift, scale, y, y, N, D,
-        x.stride(1), x.stride(1), y.stride(1), y.stride(1), shift.stride(0), shift.stride(0), scale.stride(0), eps,
-        HAS_RESIDUAL=False, BLOCK_D=block, num_warps=warps,
+        x,
+        x,
+        shift,
+        shift,
+        scale,
+        y,
+        y,
+        N,
+        D,
+        x.stride(1),
+        x.stride(1),
+        y.stride(1),
+        y.stride(1),
+        shift.stride(0),
+        shift.stride(0),
+        scale.stride(0),
+        eps,
+        HAS_RESIDUAL=False,
+        BLOCK_D=block,
+        num_warps=warps,
     )
     return y
 
 
 def residual_adaln_norm(
-    x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    h: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x' = x + gate[b]·h and y = adaLN(x'), in one pass. -> (x', y), both [B, N, D]."""
@@ -104,9 +141,25 @@ def residual_adaln_norm(
     x_new, y = torch.empty_like(x), torch.empty_like(x)
     block, warps = _launch_params(D)
     _adaln_norm_kernel[(B * N,)](
-        x, h, gate, shift, scale, y, x_new, N, D,
-        x.stride(1), h.stride(1), y.stride(1), x_new.stride(1), gate.stride(0), shift.stride(0), scale.stride(0),
+        x,
+        h,
+        gate,
+        shift,
+        scale,
+        y,
+        x_new,
+        N,
+        D,
+        x.stride(1),
+        h.stride(1),
+        y.stride(1),
+        x_new.stride(1),
+        gate.stride(0),
+        shift.stride(0),
+        scale.stride(0),
         eps,
-        HAS_RESIDUAL=True, BLOCK_D=block, num_warps=warps,
+        HAS_RESIDUAL=True,
+        BLOCK_D=block,
+        num_warps=warps,
     )
     return x_new, y

@@ -28,13 +28,34 @@ def _rms(x, w, Dh, eps):
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, QW, KW, O,
-    H, N, Dh,
-    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-    qk_scale, eps,
+    Q,
+    K,
+    V,
+    QW,
+    KW,
+    Out,
+    H,
+    N,
+    Dh,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    so_b,
+    so_h,
+    so_n,
+    qk_scale,
+    eps,
     QK_NORM: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -58,11 +79,15 @@ def _attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(
+            K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0
+        )
         if QK_NORM:
             k = _rms(k.to(tl.float32), kw, Dh, eps)
         k = k.to(DOT_DTYPE)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        v = tl.load(
+            V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0
+        ).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], log2 domain
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -72,8 +97,8 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
         m_i = m_new
     acc = acc / l_i[:, None]
-    o_ptrs = O + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & d_mask[None, :])
+    o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & d_mask[None, :])
 
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -88,9 +113,13 @@ def _blocks(N: int, Dh: int) -> tuple[int, int, int, int]:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-    eps: float = 1e-6, out: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, k, v: [B, H, N, Dh] (any strides, last dim contiguous) -> [B, H, N, Dh].
 
@@ -98,14 +127,20 @@ def attention(
     caller's transpose(1, 2).reshape(B, N, H*Dh) costs nothing.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share a [B, H, N, Dh] shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must share a [B, H, N, Dh] shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     if (q_weight is None) != (k_weight is None):
         raise ValueError("QK-norm needs both q_weight and k_weight")
     B, H, N, Dh = q.shape
     if not 1 <= Dh <= 128:
         raise ValueError(f"head dim {Dh} outside 1..128")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if (
+        q.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+        or k.dtype != q.dtype
+        or v.dtype != q.dtype
+    ):
         raise TypeError(f"q, k, v need one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = out if out is not None else torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -120,10 +155,34 @@ def attention(
         dot_dtype = tl.float32
     grid = (triton.cdiv(N, block_m), B * H)
     _attention_kernel[grid](
-        q, k, v, qw, kw, o, H, N, Dh,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        math.log2(math.e) / math.sqrt(Dh), eps,
-        QK_NORM=qk_norm, DOT_DTYPE=dot_dtype, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        q,
+        k,
+        v,
+        qw,
+        kw,
+        o,
+        H,
+        N,
+        Dh,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        math.log2(math.e) / math.sqrt(Dh),
+        eps,
+        QK_NORM=qk_norm,
+        DOT_DTYPE=dot_dtype,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     return o

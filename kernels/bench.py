@@ -60,9 +60,11 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
     dtypes = [torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
     rows = []
     for dt in dtypes:
-        for r, D in ([(64 * 49, 192)] if quick else [(64 * 49, 192), (256 * 49, 1152), (4096, 4096)]):
+        for r, D in [(64 * 49, 192)] if quick else [(64 * 49, 192), (256 * 49, 1152), (4096, 4096)]:
             rows.append(bench_norm(device, dt, r, D))
-        for B, H, N, Dh in ([(64, 6, 49, 32)] if quick else [(64, 6, 49, 32), (16, 16, 256, 72), (4, 16, 1024, 64)]):
+        for B, H, N, Dh in (
+            [(64, 6, 49, 32)] if quick else [(64, 6, 49, 32), (16, 16, 256, 72), (4, 16, 1024, 64)]
+        ):
             rows.append(bench_attention(device, dt, B, H, N, Dh))
     return rows
 

@@ -28,8 +28,10 @@ def gated_residual(
     x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     if x.dim() != 3 or h.shape != x.shape or gate.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"need x, h: [B, N, D] and gate: [B, D]; got {tuple(x.shape)}, {tuple(h.shape)}, "
-                         f"{tuple(gate.shape)}")
+        raise ValueError(
+            f"need x, h: [B, N, D] and gate: [B, D]; got {tuple(x.shape)}, {tuple(h.shape)}, "
+            f"{tuple(gate.shape)}"
+        )
     x, h = x.contiguous(), h.contiguous()
     if gate.stride(-1) != 1:
         gate = gate.contiguous()
@@ -37,7 +39,17 @@ def gated_residual(
     o = out if out is not None else torch.empty_like(x)
     block = min(triton.next_power_of_2(D), 1024)
     _gated_residual_kernel[(B * N, triton.cdiv(D, block))](
-        x, gate, h, o, N, D, x.stride(1), h.stride(1), o.stride(1), gate.stride(0), BLOCK_D=block,
+        x,
+        gate,
+        h,
+        o,
+        N,
+        D,
+        x.stride(1),
+        h.stride(1),
+        o.stride(1),
+        gate.stride(0),
+        BLOCK_D=block,
         num_warps=4 if block >= 512 else 2,
     )
     return o

@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 
 
-def adaln_norm(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
+def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = LayerNorm(x) * (1 + scale[b]) + shift[b]   (DiT's `modulate(norm(x), shift, scale)`).
 
     x: [B, N, D]; shift, scale: [B, D]. No learned affine: adaLN supplies it.
@@ -55,7 +53,11 @@ def attention(
 
 
 def residual_adaln_norm(
-    x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    h: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x' = x + gate[b]·h, adaln_norm(x', shift, scale)): a residual and the next norm."""

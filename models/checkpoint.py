@@ -101,7 +101,9 @@ def parse_card(raw: dict[str, Any], where: str) -> tuple[ModelCard, dict[str, An
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a cmserve checkpoint (format={raw.get('format')!r})")
     if raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{where}: format_version {raw.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     name = _need(raw, "name", str, where)
     kind = _need(raw, "kind", str, where)
     if kind not in KINDS:
@@ -131,7 +133,9 @@ def parse_card(raw: dict[str, Any], where: str) -> tuple[ModelCard, dict[str, An
     _need(weights, "file", str, where + " weights")
     _need(weights, "sha256", str, where + " weights")
     prov = raw.get("provenance", {})
-    card = ModelCard(name, kind, arch, tuple(classes), sigma_d, schedules, prov if isinstance(prov, dict) else {})
+    card = ModelCard(
+        name, kind, arch, tuple(classes), sigma_d, schedules, prov if isinstance(prov, dict) else {}
+    )
     return card, weights
 
 
@@ -152,7 +156,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{js}: weights file {st.name} is missing")
     digest = _sha256(st)
     if digest != weights["sha256"]:
-        raise CheckpointError(f"{st}: SHA-256 {digest[:12]}… does not match the card's {weights['sha256'][:12]}… (corrupt or replaced)")
+        raise CheckpointError(
+            f"{st}: SHA-256 {digest[:12]}… does not match the card's {weights['sha256'][:12]}… "
+            "(corrupt or replaced)"
+        )
     try:
         tensors = load_file(str(st))
     except (SafetensorError, OSError, ValueError) as e:
@@ -162,10 +169,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{st}: weights do not match the architecture: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise CheckpointError(
+            f"{st}: weights do not match the architecture: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for k, v in expected.items():
         if tensors[k].shape != v.shape:
-            raise CheckpointError(f"{st}: tensor {k} has shape {tuple(tensors[k].shape)}, architecture needs {tuple(v.shape)}")
+            raise CheckpointError(
+                f"{st}: tensor {k} has shape {tuple(tensors[k].shape)}, architecture needs {tuple(v.shape)}"
+            )
         if not torch.isfinite(tensors[k]).all():
             raise CheckpointError(f"{st}: tensor {k} holds non-finite values")
     net.load_state_dict(tensors)

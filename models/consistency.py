@@ -66,7 +66,9 @@ def validate_schedule(steps: int, times: tuple[float, ...] | list[float]) -> Non
         raise ValueError(f"schedule {list(times)} is not strictly descending")
 
 
-def teacher_times(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
+def teacher_times(
+    steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> list[float]:
     """EDM's ρ-spaced σ grid mapped to TrigFlow time, followed by t = 0. -> steps + 1 times."""
     i = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
     sig = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho

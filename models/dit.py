@@ -33,7 +33,9 @@ def sincos_pos_embed(width: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (MAE/DiT). -> [grid*grid, width]."""
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     out_y = ys.reshape(-1, 1) * omega[None]
     out_x = xs.reshape(-1, 1) * omega[None]
     emb = torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)
@@ -65,7 +67,9 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(width, num_heads)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+        )
         self.ada = nn.Linear(width, 6 * width)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -97,13 +101,16 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.y_embed.weight, std=0.02)
-        nn.init.normal_(self.t_mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_mlp[2].weight, std=0.02)
+        for lin in (self.t_mlp[0], self.t_mlp[2]):
+            assert isinstance(lin, nn.Linear)
+            nn.init.normal_(lin.weight, std=0.02)
         w = self.patch.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch.bias)  # type: ignore[arg-type]
+        assert self.patch.bias is not None
+        nn.init.zeros_(self.patch.bias)
         # adaLN-Zero: every residual branch and the output start at zero.
         for blk in self.blocks:
+            assert isinstance(blk, Block)
             nn.init.zeros_(blk.ada.weight)
             nn.init.zeros_(blk.ada.bias)
         for m in (self.final_ada, self.out):

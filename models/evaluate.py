@@ -26,9 +26,13 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=str(WEIGHTS / "cm-mnist.json"), help="consistency checkpoint")
-    p.add_argument("--teacher", default=str(WEIGHTS / "teacher-mnist.json"), help="diffusion teacher checkpoint")
+    p.add_argument(
+        "--teacher", default=str(WEIGHTS / "teacher-mnist.json"), help="diffusion teacher checkpoint"
+    )
     p.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="LeNet weights (FLD features)")
-    p.add_argument("--train-classifier", action="store_true", help="(re)train the classifier first and save it")
+    p.add_argument(
+        "--train-classifier", action="store_true", help="(re)train the classifier first and save it"
+    )
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--steps", default="1,2,4", help="consistency step counts")
@@ -40,7 +44,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def generate(sample_fn: Any, n: int, slices: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def generate(
+    sample_fn: Any, n: int, slices: int, batch: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """-> (images [n, 1, 28, 28], labels [n], ms per image). Labels cycle through the 10 classes."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 10
@@ -75,15 +81,23 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
 
     def row(sampler: str, steps: int, x: torch.Tensor, y: torch.Tensor, ms: float | None) -> None:
-        rows.append({"sampler": sampler, "steps": steps, "fld": round(frechet_distance(features(clf, x), ref), 3),
-                     "class_accuracy": round(accuracy(clf, x, y), 4),
-                     "ms_per_image": None if ms is None else round(ms, 3), "num_samples": len(x)})
+        rows.append(
+            {
+                "sampler": sampler,
+                "steps": steps,
+                "fld": round(frechet_distance(features(clf, x), ref), 3),
+                "class_accuracy": round(accuracy(clf, x, y), 4),
+                "ms_per_image": None if ms is None else round(ms, 3),
+                "num_samples": len(x),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     cm, card = load_checkpoint(args.checkpoint)
     for steps in (int(s) for s in args.steps.split(",")):
-        x, y, ms = generate(consistency_fn(cm, card.schedules[steps], card.sigma_d), n, steps, args.batch_size,
-                            args.seed)
+        x, y, ms = generate(
+            consistency_fn(cm, card.schedules[steps], card.sigma_d), n, steps, args.batch_size, args.seed
+        )
         row("consistency", steps, x, y, ms)
         if steps == 2 and args.grid:
             from models.grid import save_grid
@@ -92,13 +106,26 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             # generate() cycles labels 0..9, so reorder to 10 rows (classes) x 8 columns (seeds)
             save_grid(xg.view(8, 10, *xg.shape[1:]).transpose(0, 1).reshape_as(xg), 10, args.grid)
     teacher, tcard = load_checkpoint(args.teacher)
-    x, y, ms = generate(teacher_fn(teacher, args.teacher_steps, tcard.sigma_d), n, 1, args.batch_size, args.seed)
+    x, y, ms = generate(
+        teacher_fn(teacher, args.teacher_steps, tcard.sigma_d), n, 1, args.batch_size, args.seed
+    )
     row("teacher", args.teacher_steps, x, y, ms)
     x_train, _ = load_split("train")
-    idx = torch.randint(0, len(x_train), (n,), generator=torch.Generator().manual_seed(args.seed)) \
-        if n > len(x_train) else torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:n]
-    rows.append({"sampler": "real", "steps": 0, "fld": round(frechet_distance(features(clf, x_train[idx]), ref), 3),
-                 "class_accuracy": round(accuracy(clf, x_eval, y_eval), 4), "ms_per_image": None, "num_samples": n})
+    idx = (
+        torch.randint(0, len(x_train), (n,), generator=torch.Generator().manual_seed(args.seed))
+        if n > len(x_train)
+        else torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:n]
+    )
+    rows.append(
+        {
+            "sampler": "real",
+            "steps": 0,
+            "fld": round(frechet_distance(features(clf, x_train[idx]), ref), 3),
+            "class_accuracy": round(accuracy(clf, x_eval, y_eval), 4),
+            "ms_per_image": None,
+            "num_samples": n,
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows, "checkpoint": card.name, "teacher": tcard.name, "threads": torch.get_num_threads()}
 

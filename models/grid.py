@@ -29,7 +29,12 @@ def save_grid(x: torch.Tensor, rows: int, path: str | Path, upscale: int = 2) ->
     imgs = to_uint8(x)
     B, H, W, C = imgs.shape
     cols = B // rows
-    grid = imgs[: rows * cols].reshape(rows, cols, H, W, C).transpose(0, 2, 1, 3, 4).reshape(rows * H, cols * W, C)
+    grid = (
+        imgs[: rows * cols]
+        .reshape(rows, cols, H, W, C)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(rows * H, cols * W, C)
+    )
     if upscale > 1:
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

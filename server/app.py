@@ -24,13 +24,19 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.grid import png_bytes
-from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from server.batcher import Batcher, BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.engine import Engine
 from server.errors import EdgeMiddleware, error_response, first_validation_error, request_id_of
 from server.metrics import Metrics
 from server.schemas import (
-    ErrorResponse, GenerateRequest, GenerateResponse, HealthResponse, ImageData, ModelCardResponse,
-    ModelList, Timings,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    ImageData,
+    ModelCardResponse,
+    ModelList,
+    Timings,
 )
 from server.settings import Settings
 
@@ -47,19 +53,27 @@ class ServerState:
     draining: bool = False
     load_error: str | None = None
     encode_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="cmserve-encode"))
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="cmserve-encode")
+    )
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def _state(request: Request) -> ServerState:
-    return request.app.state.cm  # type: ignore[no-any-return]
+    return request.app.state.cm
 
 
 State = Annotated[ServerState, Depends(_state)]
@@ -77,8 +91,9 @@ def _check_key(request: Request, st: ServerState) -> None:
         for k in keys:
             ok |= hmac.compare_digest(token.encode(), k.encode())
     if not ok:
-        raise ApiError(401, "missing or invalid API key", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
 
 
 def require_key(request: Request, st: State) -> None:
@@ -115,19 +130,29 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         task.cancel()
         st.encode_pool.shutdown(wait=False)
 
-    app = FastAPI(title="cmserve", version="0.1.0", lifespan=lifespan,
-                  description="Few-step consistency model inference server.")
+    app = FastAPI(
+        title="cmserve",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Few-step consistency model inference server.",
+    )
     app.state.cm = st
-    app.add_middleware(EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
-                       draining=lambda: st.draining)
+    app.add_middleware(
+        EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, draining=lambda: st.draining
+    )
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout"],
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(e.status, e.message, request_id_of(request.scope), param=e.param, code=e.code,
-                              headers=e.headers)
+        return error_response(
+            e.status, e.message, request_id_of(request.scope), param=e.param, code=e.code, headers=e.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -136,20 +161,31 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail), request_id_of(request.scope), headers=e.headers)
+        return error_response(
+            e.status_code,
+            str(e.detail),
+            request_id_of(request.scope),
+            headers=dict(e.headers) if e.headers else None,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error in request %s", request_id_of(request.scope))
-        return error_response(500, "internal server error", request_id_of(request.scope), code="internal_error")
+        return error_response(
+            500, "internal server error", request_id_of(request.scope), code="internal_error"
+        )
 
     @app.get("/healthz", response_model=HealthResponse, dependencies=[Depends(require_key_ops)])
     async def healthz() -> dict[str, str]:
         """Alive: the process answers. Never touches the model or the queue."""
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
-             dependencies=[Depends(require_key_ops)])
+    @app.get(
+        "/readyz",
+        response_model=HealthResponse,
+        responses={503: {"model": HealthResponse}},
+        dependencies=[Depends(require_key_ops)],
+    )
     async def readyz(st: State) -> Any:
         """200 once the model is loaded and warmed up at every bucket and step count; 503 before,
         while draining, and if loading failed."""
@@ -172,10 +208,19 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         "/v1/generate",
         response_model=GenerateResponse,
         dependencies=[Depends(require_key)],
-        responses={**ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or PNG bytes when "
-                                   "`Accept: image/png` and n = 1"}},
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
+        responses={
+            **ERRORS,
+            200: {
+                "content": {"image/png": {}},
+                "description": "JSON, or PNG bytes when `Accept: image/png` and n = 1",
+            },
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
+            }
+        },
     )
     async def generate(request: Request, st: State) -> Any:
         return await _generate(request, st)
@@ -231,10 +276,16 @@ def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
 def model_card(engine: Engine) -> ModelCardResponse:
     c = engine.card
     return ModelCardResponse(
-        id=c.name, kind=c.kind, placeholder=engine.placeholder, image_size=c.arch.image_size,
-        channels=c.arch.channels, classes=list(c.class_names), supported_steps=c.steps,
+        id=c.name,
+        kind=c.kind,
+        placeholder=engine.placeholder,
+        image_size=c.arch.image_size,
+        channels=c.arch.channels,
+        classes=list(c.class_names),
+        supported_steps=c.steps,
         default_steps=2 if 2 in c.schedules else c.steps[0],
-        schedules={str(k): list(v) for k, v in c.schedules.items()}, provenance=c.provenance,
+        schedules={str(k): list(v) for k, v in c.schedules.items()},
+        provenance=c.provenance,
     )
 
 
@@ -247,8 +298,13 @@ async def _start(st: ServerState) -> None:
         seconds = await asyncio.to_thread(engine.warmup)
         log.info("warm-up of %d (bucket, steps) slots took %.1f s", len(engine.runner.slots), seconds)
         s = st.settings
-        st.batcher = Batcher(engine.run_batch, st.metrics, max_batch_size=s.max_batch_size,
-                             max_queue_images=s.max_queue_images, max_wait_s=s.max_wait_ms / 1000.0)
+        st.batcher = Batcher(
+            engine.run_batch,
+            st.metrics,
+            max_batch_size=s.max_batch_size,
+            max_queue_images=s.max_queue_images,
+            max_wait_s=s.max_wait_ms / 1000.0,
+        )
         st.batcher.start()
         st.ready = True
         st.metrics.ready.set(1)
@@ -280,12 +336,18 @@ async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateR
         raise ApiError(422, msg, param=param, code="invalid_value") from None
     card = engine.card
     if req.class_label is not None and req.class_label >= card.arch.num_classes:
-        raise ApiError(422, f"class_label must be in [0, {card.arch.num_classes - 1}] or null",
-                       param="class_label", code="unknown_class")
+        raise ApiError(
+            422,
+            f"class_label must be in [0, {card.arch.num_classes - 1}] or null",
+            param="class_label",
+            code="unknown_class",
+        )
     if req.steps not in card.schedules:
         raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
     if req.n > st.settings.max_images_per_request:
-        raise ApiError(422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large")
+        raise ApiError(
+            422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large"
+        )
     return req
 
 
@@ -295,7 +357,9 @@ def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
         try:
             t = float(request.headers["x-request-timeout"])
         except ValueError:
-            raise ApiError(400, "x-request-timeout must be a number of seconds", code="invalid_value") from None
+            raise ApiError(
+                400, "x-request-timeout must be a number of seconds", code="invalid_value"
+            ) from None
         if not t > 0:
             raise ApiError(400, "x-request-timeout must be positive", code="invalid_value")
     return min(float(t) if t is not None else s.default_timeout_s, s.max_timeout_s)
@@ -326,19 +390,33 @@ async def _generate(request: Request, st: ServerState) -> Any:
     req = await _parse(request, st, engine)
     png = _accepts_png(request)
     if png and req.n != 1:
-        raise ApiError(406, "Accept: image/png needs n = 1; use JSON for several images", param="n",
-                       code="not_acceptable")
+        raise ApiError(
+            406,
+            "Accept: image/png needs n = 1; use JSON for several images",
+            param="n",
+            code="not_acceptable",
+        )
     timeout = _timeout(request, req, st.settings)
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     rid = request_id_of(request.scope)
-    job = Job(steps=req.steps, labels=[req.class_label] * req.n, seeds=[seed + i for i in range(req.n)],
-              deadline=t_arrive + timeout, request_id=rid, future=asyncio.get_running_loop().create_future())
+    job = Job(
+        steps=req.steps,
+        labels=[req.class_label] * req.n,
+        seeds=[seed + i for i in range(req.n)],
+        deadline=t_arrive + timeout,
+        request_id=rid,
+        future=asyncio.get_running_loop().create_future(),
+    )
     try:
         batcher.submit(job)
     except QueueFull as e:
         m.rejected.labels("queue_full").inc()
-        raise ApiError(429, "queue is full; retry later", code="queue_full",
-                       headers={"Retry-After": str(e.retry_after_s)}) from None
+        raise ApiError(
+            429,
+            "queue is full; retry later",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after_s)},
+        ) from None
     m.inflight.inc()
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
@@ -350,11 +428,15 @@ async def _generate(request: Request, st: ServerState) -> Any:
         try:
             result = job.future.result()
         except DeadlineExceeded:
-            raise ApiError(504, f"deadline of {timeout:g} s passed before compute", code="deadline_exceeded") from None
+            raise ApiError(
+                504, f"deadline of {timeout:g} s passed before compute", code="deadline_exceeded"
+            ) from None
         except Draining:
             raise ApiError(503, "server is shutting down", code="draining") from None
         except BatchFailed as e:
-            raise ApiError(500, f"generation failed ({e.reason}); request id {rid}", code="batch_failed") from None
+            raise ApiError(
+                500, f"generation failed ({e.reason}); request id {rid}", code="batch_failed"
+            ) from None
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
         t0 = time.perf_counter()
@@ -366,14 +448,24 @@ async def _generate(request: Request, st: ServerState) -> Any:
         watcher.cancel()
         m.inflight.dec()
     total_s = time.monotonic() - t_arrive
-    timings = Timings(queue=result.queue_s * 1e3, compute=result.compute_s * 1e3, encode=encode_s * 1e3,
-                      total=total_s * 1e3)
+    timings = Timings(
+        queue=result.queue_s * 1e3, compute=result.compute_s * 1e3, encode=encode_s * 1e3, total=total_s * 1e3
+    )
     name = engine.card.name
     if png:
         server_timing = ", ".join(f"{k};dur={v:.2f}" for k, v in timings.model_dump().items())
-        headers = {"x-seed": str(seed), "x-model": name, "x-steps": str(req.steps), "server-timing": server_timing,
-                   "x-class-label": "null" if req.class_label is None else str(req.class_label)}
+        headers = {
+            "x-seed": str(seed),
+            "x-model": name,
+            "x-steps": str(req.steps),
+            "server-timing": server_timing,
+            "x-class-label": "null" if req.class_label is None else str(req.class_label),
+        }
         return Response(pngs[0], media_type="image/png", headers=headers)
-    data = [ImageData(b64_json=base64.b64encode(p).decode(), seed=seed + i, class_label=req.class_label)
-            for i, p in enumerate(pngs)]
-    return GenerateResponse(model=name, steps=req.steps, created=int(time.time()), data=data, timings_ms=timings)
+    data = [
+        ImageData(b64_json=base64.b64encode(p).decode(), seed=seed + i, class_label=req.class_label)
+        for i, p in enumerate(pngs)
+    ]
+    return GenerateResponse(
+        model=name, steps=req.steps, created=int(time.time()), data=data, timings_ms=timings
+    )

@@ -242,8 +242,14 @@ class Batcher:
         except Exception as e:  # one bad batch fails its own requests only
             reason = getattr(e, "reason", "exception")
             ids = [j.request_id for j in batch]
-            log.error("batch of %d images (steps=%d) failed: %s: %s; requests %s",
-                      len(seeds), steps, type(e).__name__, e, ids)
+            log.error(
+                "batch of %d images (steps=%d) failed: %s: %s; requests %s",
+                len(seeds),
+                steps,
+                type(e).__name__,
+                e,
+                ids,
+            )
             self.metrics.batch_failures.labels(reason).inc()
             for job in batch:
                 if not job.future.done():
@@ -254,8 +260,9 @@ class Batcher:
             i = 0
             for job in batch:
                 if not job.future.done():
-                    job.future.set_result(JobResult(images[i : i + job.n], started - job.enqueued,
-                                                    compute_s, len(seeds)))
+                    job.future.set_result(
+                        JobResult(images[i : i + job.n], started - job.enqueued, compute_s, len(seeds))
+                    )
                 i += job.n
         finally:
             elapsed = time.monotonic() - started
@@ -265,5 +272,9 @@ class Batcher:
             self.last_progress = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"queued_images": self._queued_images, "queued_requests": len(self._pending),
-                "running_requests": len(self._running), "batches_run": self.batches_run}
+        return {
+            "queued_images": self._queued_images,
+            "queued_requests": len(self._pending),
+            "running_requests": len(self._running),
+            "batches_run": self.batches_run,
+        }

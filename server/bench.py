@@ -37,7 +37,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("sampler", help="raw sampler throughput (no HTTP)")
     s.add_argument("--checkpoint", default="")
     s.add_argument("--device", default="auto")
-    s.add_argument("--backends", default="", help="comma list of eager,graph; default eager on CPU, both on CUDA")
+    s.add_argument(
+        "--backends", default="", help="comma list of eager,graph; default eager on CPU, both on CUDA"
+    )
     s.add_argument("--buckets", default="1,2,4,8,16,32,64")
     s.add_argument("--steps", default="1,2,4")
     s.add_argument("--repeats", type=int, default=5)
@@ -47,13 +49,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--checkpoint", default="")
     v.add_argument("--teacher", default=str(DEFAULT_TEACHER))
     v.add_argument("--device", default="auto")
-    v.add_argument("--fractions", default="0.1,0.3,0.5,0.7,0.8,0.9,1.0,1.1,1.3",
-                   help="arrival rates as fractions of the raw sampler's images/s")
+    v.add_argument(
+        "--fractions",
+        default="0.1,0.3,0.5,0.7,0.8,0.9,1.0,1.1,1.3",
+        help="arrival rates as fractions of the raw sampler's images/s",
+    )
     v.add_argument("--duration", type=float, default=12.0, help="seconds per arrival rate")
     v.add_argument("--peers", default="litserve,plain")
     v.add_argument("--litserve-max-batch", type=int, default=32)
     v.add_argument("--litserve-timeout", type=float, default=0.005)
-    v.add_argument("--quick", action="store_true", help="tiny model, 2 rates, short runs: keeps the harness working")
+    v.add_argument(
+        "--quick", action="store_true", help="tiny model, 2 rates, short runs: keeps the harness working"
+    )
     v.add_argument("--json", default="")
     v.add_argument("--plot", default="")
     k = sub.add_parser("kernels", help="Triton kernels vs torch (CUDA only)")
@@ -66,16 +73,21 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
 # ---- sampler ---------------------------------------------------------------------------------
-def bench_sampler(checkpoint: str, device: str, backends: list[str], buckets: list[int], steps_list: list[int],
-                  repeats: int) -> list[dict[str, Any]]:
+def bench_sampler(
+    checkpoint: str, device: str, backends: list[str], buckets: list[int], steps_list: list[int], repeats: int
+) -> list[dict[str, Any]]:
     import torch
 
     from server.engine import Engine
@@ -84,11 +96,14 @@ def bench_sampler(checkpoint: str, device: str, backends: list[str], buckets: li
 
     rows = []
     for backend in backends:
-        e = Engine(Settings(checkpoint=checkpoint, device=device, backend=backend, buckets=buckets), Metrics())
+        e = Engine(
+            Settings(checkpoint=checkpoint, device=device, backend=backend, buckets=buckets), Metrics()
+        )
         e.runner.warmup(steps_list)
         for steps in steps_list:
             for b in buckets:
-                labels, seeds = [i % 10 for i in range(b)], list(range(b))
+                labels: list[int | None] = [i % 10 for i in range(b)]
+                seeds = list(range(b))
                 e.run_batch(steps, labels, seeds)  # warm
                 times = []
                 for _ in range(repeats):
@@ -98,8 +113,16 @@ def bench_sampler(checkpoint: str, device: str, backends: list[str], buckets: li
                     e.run_batch(steps, labels, seeds)  # noise, copy in, sample, copy out, uint8
                     times.append(time.perf_counter() - t)
                 ms = statistics.median(times) * 1e3
-                rows.append({"backend": backend, "model": e.card.name, "steps": steps, "batch": b,
-                             "ms_per_batch": round(ms, 3), "images_per_s": round(b / ms * 1e3, 1)})
+                rows.append(
+                    {
+                        "backend": backend,
+                        "model": e.card.name,
+                        "steps": steps,
+                        "batch": b,
+                        "ms_per_batch": round(ms, 3),
+                        "images_per_s": round(b / ms * 1e3, 1),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -117,8 +140,9 @@ class Proc:
     def __init__(self, cmd: list[str], ready_path: str, log: Path) -> None:
         self.port = _free_port()
         self.log = log
-        self.proc = subprocess.Popen([*cmd, "--port", str(self.port)], cwd=ROOT, stdout=log.open("wb"),
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*cmd, "--port", str(self.port)], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -151,8 +175,9 @@ class Proc:
 
 def _buckets(text: str) -> dict[float, float]:
     out = {}
-    for m in re.finditer(r'^cmserve_request_duration_seconds_bucket\{le="([^"]+)",route="/v1/generate"\} (\S+)$',
-                         text, re.M):
+    for m in re.finditer(
+        r'^cmserve_request_duration_seconds_bucket\{le="([^"]+)",route="/v1/generate"\} (\S+)$', text, re.M
+    ):
         out[float(m.group(1))] = float(m.group(2))
     return out
 
@@ -175,12 +200,17 @@ def histogram_quantile(q: float, before: dict[float, float], after: dict[float, 
     return None
 
 
-def sweep(proc: Proc, rates: list[float], duration: float, server_hist: bool, steps: int = 2) -> list[dict[str, Any]]:
+def sweep(
+    proc: Proc, rates: list[float], duration: float, server_hist: bool, steps: int = 2
+) -> list[dict[str, Any]]:
     rows = []
     for rate in rates:
         before = _buckets(proc.metrics()) if server_hist else {}
-        res = asyncio.run(open_loop("127.0.0.1", proc.port, rate, duration,
-                                    body_fn=lambda r: (make_body(r, steps=steps), 1)))
+        res = asyncio.run(
+            open_loop(
+                "127.0.0.1", proc.port, rate, duration, body_fn=lambda r: (make_body(r, steps=steps), 1)
+            )
+        )
         row = res.summary()
         if server_hist:
             after = _buckets(proc.metrics())
@@ -194,8 +224,11 @@ def sweep(proc: Proc, rates: list[float], duration: float, server_hist: bool, st
 
 def max_rate_under_slo(rows: list[dict[str, Any]], slo_ms: float) -> float:
     """Highest arrival rate whose p99 stayed under the SLO with nothing refused or failed."""
-    ok = [r["rate_rps"] for r in rows if r["p99_ms"] is not None and r["p99_ms"] <= slo_ms
-          and r["errors"] == 0 and r["rejected"] == 0]
+    ok = [
+        r["rate_rps"]
+        for r in rows
+        if r["p99_ms"] is not None and r["p99_ms"] <= slo_ms and r["errors"] == 0 and r["rejected"] == 0
+    ]
     return max(ok, default=0.0)
 
 
@@ -216,16 +249,44 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
     raw_b1_ms = raw[0]["ms_per_batch"]
     raw_ips = raw[1]["images_per_s"]
     rates = [round(f * raw_ips, 2) for f in fractions]
-    result: dict[str, Any] = {"machine": machine(), "raw_batch1_ms": raw_b1_ms, "raw_images_per_s": raw_ips,
-                              "fractions": fractions, "duration_s": duration, "configs": {}}
-    cm_cmd = [py, "-m", "server.cli", "serve", "--checkpoint", checkpoint, *dev, "--log-level", "warning",
-              "--max-queue-images", "100000"]
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "raw_batch1_ms": raw_b1_ms,
+        "raw_images_per_s": raw_ips,
+        "fractions": fractions,
+        "duration_s": duration,
+        "configs": {},
+    }
+    cm_cmd = [
+        py,
+        "-m",
+        "server.cli",
+        "serve",
+        "--checkpoint",
+        checkpoint,
+        *dev,
+        "--log-level",
+        "warning",
+        "--max-queue-images",
+        "100000",
+    ]
 
-    def run_config(name: str, cmd: list[str], ready: str, hist: bool, rates_: list[float], steps: int = 2,
-                   after: Any = None) -> dict[str, Any]:
+    def run_config(
+        name: str,
+        cmd: list[str],
+        ready: str,
+        hist: bool,
+        rates_: list[float],
+        steps: int = 2,
+        after: Any = None,
+    ) -> dict[str, Any]:
         proc = Proc(cmd, ready, tmp / f"{name}.log")
         try:
-            idle = asyncio.run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60)) if steps == 2 else []
+            idle = (
+                asyncio.run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60))
+                if steps == 2
+                else []
+            )
             cfg: dict[str, Any] = {"idle_p50_ms": round(statistics.median(idle) * 1e3, 3) if idle else None}
             cfg["sweep"] = sweep(proc, rates_, duration, hist, steps)
             cfg["saturation_images_per_s"] = max(r["throughput_images_per_s"] for r in cfg["sweep"])
@@ -243,33 +304,76 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
     slo_ms = round(3 * cm["idle_p50_ms"], 1)
     result["slo_ms"] = slo_ms
     at70 = cm["at_70pct"]
-    run_config("cmserve_no_batching", [*cm_cmd, "--max-batch-size", "1", "--buckets", "1"], "/readyz", True, rates)
+    run_config(
+        "cmserve_no_batching", [*cm_cmd, "--max-batch-size", "1", "--buckets", "1"], "/readyz", True, rates
+    )
     peers = [p for p in args.peers.split(",") if p]
     if "litserve" in peers:
-        run_config("litserve", [py, "-m", "server.bench_peers", "litserve", "--checkpoint", checkpoint,
-                                "--max-batch-size", str(args.litserve_max_batch), "--batch-timeout",
-                                str(args.litserve_timeout)], "/health", False, rates)
-        result["configs"]["litserve"]["settings"] = {"max_batch_size": args.litserve_max_batch,
-                                                     "batch_timeout_s": args.litserve_timeout}
+        run_config(
+            "litserve",
+            [
+                py,
+                "-m",
+                "server.bench_peers",
+                "litserve",
+                "--checkpoint",
+                checkpoint,
+                "--max-batch-size",
+                str(args.litserve_max_batch),
+                "--batch-timeout",
+                str(args.litserve_timeout),
+            ],
+            "/health",
+            False,
+            rates,
+        )
+        result["configs"]["litserve"]["settings"] = {
+            "max_batch_size": args.litserve_max_batch,
+            "batch_timeout_s": args.litserve_timeout,
+        }
     if "plain" in peers:
-        run_config("plain", [py, "-m", "server.bench_peers", "plain", "--checkpoint", checkpoint], "/readyz", False,
-                   rates)
+        run_config(
+            "plain",
+            [py, "-m", "server.bench_peers", "plain", "--checkpoint", checkpoint],
+            "/readyz",
+            False,
+            rates,
+        )
     if teacher and Path(teacher).is_file():
         t_raw = bench_sampler(teacher, args.device, ["auto"], [64], [32], repeats=2)[0]
         result["teacher_raw_images_per_s"] = t_raw["images_per_s"]
-        run_config("teacher32", [py, "-m", "server.cli", "serve", "--checkpoint", teacher, *dev, "--log-level",
-                                 "warning", "--max-queue-images", "100000"], "/readyz", True,
-                   [round(f * t_raw["images_per_s"], 2) for f in fractions], steps=32)
+        run_config(
+            "teacher32",
+            [
+                py,
+                "-m",
+                "server.cli",
+                "serve",
+                "--checkpoint",
+                teacher,
+                *dev,
+                "--log-level",
+                "warning",
+                "--max-queue-images",
+                "100000",
+            ],
+            "/readyz",
+            True,
+            [round(f * t_raw["images_per_s"], 2) for f in fractions],
+            steps=32,
+        )
     for cfg in result["configs"].values():
         cfg["max_rate_under_slo"] = max_rate_under_slo(cfg["sweep"], slo_ms)
     c = result["configs"]
-    result.update({
-        "saturation_images_per_s": cm["saturation_images_per_s"],
-        "efficiency": round(cm["saturation_images_per_s"] / raw_ips, 3),
-        "idle_overhead_ms": round(cm["idle_p50_ms"] - raw_b1_ms, 3),
-        "p99_over_p50_at_70pct": round(at70["p99_ms"] / at70["p50_ms"], 3) if at70["p50_ms"] else None,
-        "max_rate_under_slo": {k: v["max_rate_under_slo"] for k, v in c.items()},
-    })
+    result.update(
+        {
+            "saturation_images_per_s": cm["saturation_images_per_s"],
+            "efficiency": round(cm["saturation_images_per_s"] / raw_ips, 3),
+            "idle_overhead_ms": round(cm["idle_p50_ms"] - raw_b1_ms, 3),
+            "p99_over_p50_at_70pct": round(at70["p99_ms"] / at70["p50_ms"], 3) if at70["p50_ms"] else None,
+            "max_rate_under_slo": {k: v["max_rate_under_slo"] for k, v in c.items()},
+        }
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
     return result
 
@@ -289,7 +393,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_xlabel("achieved throughput (images/s)")
     ax.set_ylabel("client p99 latency (ms)")
     ax.set_yscale("log")
-    ax.set_title(f"open-loop sweep, {result['machine'].get('gpu', 'CPU')} ({result['machine']['cores']} cores)")
+    ax.set_title(
+        f"open-loop sweep, {result['machine'].get('gpu', 'CPU')} ({result['machine']['cores']} cores)"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -317,8 +423,12 @@ def main(args: argparse.Namespace) -> None:
             from models.placeholder import build_placeholder
 
             ckpt = str(build_placeholder(Path(tempfile.mkdtemp()) / "tiny"))
-        result = {"machine": machine(), "rows": bench_sampler(ckpt, args.device, backends, buckets, steps,
-                                                             2 if args.quick else args.repeats)}
+        result = {
+            "machine": machine(),
+            "rows": bench_sampler(
+                ckpt, args.device, backends, buckets, steps, 2 if args.quick else args.repeats
+            ),
+        }
     else:
         result = bench_server(args)
         if args.plot:

@@ -32,11 +32,14 @@ def _engine(checkpoint: str) -> Any:
 
 
 def _response(images: Any, seed: int, label: int | None) -> dict[str, Any]:
-    return {"data": [{"b64_json": base64.b64encode(png_bytes(images[0])).decode(), "seed": seed,
-                      "class_label": label}]}
+    return {
+        "data": [
+            {"b64_json": base64.b64encode(png_bytes(images[0])).decode(), "seed": seed, "class_label": label}
+        ]
+    }
 
 
-class CMApi(ls.LitAPI):  # type: ignore[misc]
+class CMApi(ls.LitAPI):
     """LitServe serving the cmserve Engine; LitServe does the batching."""
 
     def __init__(self, checkpoint: str, **kwargs: Any) -> None:
@@ -46,7 +49,7 @@ class CMApi(ls.LitAPI):  # type: ignore[misc]
     def setup(self, device: str) -> None:
         self.engine = _engine(self.checkpoint)
 
-    def decode_request(self, request):  # type: ignore[no-untyped-def]  # LitServe reads this annotation
+    def decode_request(self, request):  # LitServe reads a typed annotation as a request schema
         return request.get("class_label"), int(request.get("seed", 0)), int(request.get("steps", 2))
 
     def batch(self, inputs: list[Any]) -> list[Any]:
@@ -64,8 +67,12 @@ class CMApi(ls.LitAPI):  # type: ignore[misc]
 
 
 def run_litserve(args: argparse.Namespace) -> None:
-    api = CMApi(args.checkpoint, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
-                api_path="/v1/generate")
+    api = CMApi(
+        args.checkpoint,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        api_path="/v1/generate",
+    )
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
     server.run(port=args.port, host="127.0.0.1", generate_client_file=False)
 

@@ -64,8 +64,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except (CheckpointError, RuntimeError) as e:
         sys.exit(f"cmserve: cannot load model: {e}")
     app = create_app(s, engine, metrics)
-    config = uvicorn.Config(app, host=s.host, port=s.port, log_level=s.log_level, access_log=False,
-                            timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)))
+    config = uvicorn.Config(
+        app,
+        host=s.host,
+        port=s.port,
+        log_level=s.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
+    )
     DrainingServer(config, app.state.cm).run()
 
 
@@ -86,7 +92,9 @@ class DrainingServer(uvicorn.Server):
         self.cm.draining = True
         self.cm.metrics.draining.set(1)
         self.cm.metrics.ready.set(0)
-        logging.getLogger("cmserve").info("draining: %s", self.cm.batcher.snapshot() if self.cm.batcher else {})
+        logging.getLogger("cmserve").info(
+            "draining: %s", self.cm.batcher.snapshot() if self.cm.batcher else {}
+        )
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(self._start_drain, loop)
 
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train", help="train the teacher and tune the consistency model (resumable)")
     p.add_argument("--preset", default="mnist", help="training preset: mnist (the shipped run) or tiny")
     p.add_argument("--run-dir", default="runs/mnist", help="where state, logs, samples and exports go")
-    p.add_argument("--set", default="", help='JSON overrides of the preset, e.g. \'{"ect_steps": 400}\'')
+    p.add_argument("--set", default="", help="JSON overrides of the preset, e.g. '{\"ect_steps\": 400}'")
     p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this global step")
     p.set_defaults(fn=cmd_train)
 

@@ -50,15 +50,26 @@ class Engine:
             tmp = Path(tempfile.mkdtemp(prefix="cmserve-placeholder-"))
             path = build_placeholder(tmp / "placeholder")
             self.placeholder = True
-            log.warning("no default checkpoint at %s: serving an UNTRAINED placeholder model", settings.checkpoint_path())
+            log.warning(
+                "no default checkpoint at %s: serving an UNTRAINED placeholder model",
+                settings.checkpoint_path(),
+            )
         self.model, self.card = load_checkpoint(path, self.device)
         self.placeholder = self.placeholder or bool(self.card.provenance.get("placeholder"))
-        use_graphs = settings.backend == "graph" or (settings.backend == "auto" and self.device.type == "cuda")
+        use_graphs = settings.backend == "graph" or (
+            settings.backend == "auto" and self.device.type == "cuda"
+        )
         if use_graphs and self.device.type != "cuda":
             raise RuntimeError("backend 'graph' needs a CUDA device")
         dtype = getattr(torch, settings.dtype) if self.device.type == "cuda" else torch.float32
         self.runner = SamplerRunner(
-            self.model, self.card, settings.buckets, self.device, use_graphs=use_graphs, dtype=dtype, metrics=metrics
+            self.model,
+            self.card,
+            settings.buckets,
+            self.device,
+            use_graphs=use_graphs,
+            dtype=dtype,
+            metrics=metrics,
         )
         # Test hook: called with (steps, labels, seeds) before each batch; may raise or sleep.
         self.fault: Callable[[int, list[int | None], list[int]], None] | None = None

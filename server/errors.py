@@ -22,10 +22,18 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 KNOWN_ROUTES = {"/v1/generate", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
 
 ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-    405: "invalid_request_error", 406: "invalid_request_error", 413: "invalid_request_error",
-    415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-    500: "server_error", 503: "service_unavailable", 504: "timeout_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    406: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
@@ -34,7 +42,12 @@ def request_id_of(scope: Scope) -> str:
 
 
 def error_response(
-    status: int, message: str, request_id: str, *, param: str | None = None, code: str | None = None,
+    status: int,
+    message: str,
+    request_id: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {
@@ -51,8 +64,13 @@ class EdgeMiddleware:
     disconnect stays visible there. While draining it turns keep-alive off.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
@@ -86,8 +104,9 @@ class EdgeMiddleware:
         try:
             length = headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                resp = error_response(413, f"request body larger than {self.max_body} bytes", rid,
-                                      code="body_too_large")
+                resp = error_response(
+                    413, f"request body larger than {self.max_body} bytes", rid, code="body_too_large"
+                )
                 await resp(scope, receive, send_wrapped)
                 return
             received = {"n": 0}
@@ -103,8 +122,9 @@ class EdgeMiddleware:
             try:
                 await self.app(scope, receive_limited, send_wrapped)
             except BodyTooLarge:
-                resp = error_response(413, f"request body larger than {self.max_body} bytes", rid,
-                                      code="body_too_large")
+                resp = error_response(
+                    413, f"request body larger than {self.max_body} bytes", rid, code="body_too_large"
+                )
                 await resp(scope, receive, send_wrapped)
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()

@@ -34,8 +34,10 @@ class RawHTTP:
                     return 0, b""
                 r, w = conn
                 try:
-                    w.write(b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-                            b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+                    w.write(
+                        b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body)
+                    )
                     await w.drain()
                     status, payload, keep = await asyncio.wait_for(self._read(r), timeout)
                 except asyncio.TimeoutError:  # the server may be working on it: never resend
@@ -97,20 +99,36 @@ class RunResult:
         rejected = sum(v for k, v in self.statuses.items() if k in (429, 503))
         errors = sum(v for k, v in self.statuses.items() if not (200 <= k < 300) and k not in (429, 503))
         return {
-            "rate_rps": round(self.rate, 2), "sent": self.sent, "ok": len(lat), "rejected": rejected,
-            "errors": errors, "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "rate_rps": round(self.rate, 2),
+            "sent": self.sent,
+            "ok": len(lat),
+            "rejected": rejected,
+            "errors": errors,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "throughput_images_per_s": round(self.images_ok / self.wall_s, 2) if self.wall_s else 0.0,
-            "p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99), "max_ms": round(lat[-1] * 1e3, 2) if lat else None,
+            "p50_ms": q(0.50),
+            "p95_ms": q(0.95),
+            "p99_ms": q(0.99),
+            "max_ms": round(lat[-1] * 1e3, 2) if lat else None,
         }
 
 
 def make_body(rng: random.Random, n: int = 1, steps: int = 2) -> bytes:
-    return json.dumps({"class_label": rng.randrange(10), "seed": rng.randrange(2**31), "n": n,
-                       "steps": steps}).encode()
+    return json.dumps(
+        {"class_label": rng.randrange(10), "seed": rng.randrange(2**31), "n": n, "steps": steps}
+    ).encode()
 
 
-async def open_loop(host: str, port: int, rate: float, duration_s: float, seed: int = 0,
-                    body_fn: Any = None, path: str = "/v1/generate", timeout: float = 60.0) -> RunResult:
+async def open_loop(
+    host: str,
+    port: int,
+    rate: float,
+    duration_s: float,
+    seed: int = 0,
+    body_fn: Any = None,
+    path: str = "/v1/generate",
+    timeout: float = 60.0,
+) -> RunResult:
     """Send Poisson arrivals at `rate` req/s for `duration_s`; wait for every answer."""
     rng = random.Random(seed)
     body_fn = body_fn or (lambda r: (make_body(r), 1))
@@ -143,7 +161,9 @@ async def open_loop(host: str, port: int, rate: float, duration_s: float, seed: 
     return res
 
 
-async def closed_loop(host: str, port: int, count: int, seed: int = 0, path: str = "/v1/generate") -> list[float]:
+async def closed_loop(
+    host: str, port: int, count: int, seed: int = 0, path: str = "/v1/generate"
+) -> list[float]:
     """One request at a time: the unloaded latency (seconds) of each."""
     rng = random.Random(seed)
     client = RawHTTP(host, port)

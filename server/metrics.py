@@ -9,9 +9,39 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (
-    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
-    0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
-    10.0, 30.0,
+    0.001,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.0125,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.06,
+    0.075,
+    0.1,
+    0.125,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
@@ -20,43 +50,81 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.request_latency = Histogram(
-            "cmserve_request_duration_seconds", "Time from request arrival to response, by route.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+            "cmserve_request_duration_seconds",
+            "Time from request arrival to response, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "cmserve_queue_wait_seconds", "Time a request waited in the queue before its batch started.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "cmserve_queue_wait_seconds",
+            "Time a request waited in the queue before its batch started.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_compute = Histogram(
-            "cmserve_batch_compute_seconds", "Wall time of one batch on the sampler (noise, sampling, copy out).",
-            ["steps"], buckets=LATENCY_BUCKETS, registry=r)
+            "cmserve_batch_compute_seconds",
+            "Wall time of one batch on the sampler (noise, sampling, copy out).",
+            ["steps"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.encode = Histogram(
-            "cmserve_encode_seconds", "PNG encoding time of one request's images.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "cmserve_encode_seconds",
+            "PNG encoding time of one request's images.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "cmserve_batch_size_images", "Images per dispatched batch.", buckets=BATCH_BUCKETS, registry=r)
+            "cmserve_batch_size_images", "Images per dispatched batch.", buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_images = Gauge("cmserve_queue_depth_images", "Images waiting in the queue.", registry=r)
-        self.queue_requests = Gauge("cmserve_queue_depth_requests", "Requests waiting in the queue.", registry=r)
-        self.queue_limit = Gauge("cmserve_queue_limit_images", "Queue bound in images (429 beyond).", registry=r)
-        self.inflight = Gauge("cmserve_inflight_requests", "Generate requests accepted and not yet answered.", registry=r)
+        self.queue_requests = Gauge(
+            "cmserve_queue_depth_requests", "Requests waiting in the queue.", registry=r
+        )
+        self.queue_limit = Gauge(
+            "cmserve_queue_limit_images", "Queue bound in images (429 beyond).", registry=r
+        )
+        self.inflight = Gauge(
+            "cmserve_inflight_requests", "Generate requests accepted and not yet answered.", registry=r
+        )
         self.requests = Counter(
-            "cmserve_requests_total", "HTTP requests by route and status code.", ["route", "code"], registry=r)
+            "cmserve_requests_total", "HTTP requests by route and status code.", ["route", "code"], registry=r
+        )
         self.images = Counter("cmserve_images_generated_total", "Images generated and returned.", registry=r)
         self.rejected = Counter(
-            "cmserve_rejected_total", "Requests refused or dropped before compute, by reason.", ["reason"], registry=r)
+            "cmserve_rejected_total",
+            "Requests refused or dropped before compute, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.batch_failures = Counter(
-            "cmserve_batch_failures_total", "Batches that failed (every request in them got 500).", ["reason"],
-            registry=r)
+            "cmserve_batch_failures_total",
+            "Batches that failed (every request in them got 500).",
+            ["reason"],
+            registry=r,
+        )
         self.padded_rows = Counter(
-            "cmserve_padded_rows_total", "Rows computed only to pad a batch up to its bucket.", registry=r)
+            "cmserve_padded_rows_total", "Rows computed only to pad a batch up to its bucket.", registry=r
+        )
         self.computed_rows = Counter(
-            "cmserve_computed_rows_total", "Rows computed by the runner, padding included.", registry=r)
+            "cmserve_computed_rows_total", "Rows computed by the runner, padding included.", registry=r
+        )
         self.runner_runs = Counter(
-            "cmserve_runner_executions_total", "Runner executions by mode (graph replay or eager).", ["mode"],
-            registry=r)
+            "cmserve_runner_executions_total",
+            "Runner executions by mode (graph replay or eager).",
+            ["mode"],
+            registry=r,
+        )
         self.capture_seconds = Gauge(
-            "cmserve_graph_capture_seconds", "Time spent warming up and capturing at start-up.", registry=r)
+            "cmserve_graph_capture_seconds", "Time spent warming up and capturing at start-up.", registry=r
+        )
         self.capture_memory = Gauge(
-            "cmserve_graph_pool_bytes", "Device memory held by the captured graphs' pool.", registry=r)
-        self.ready = Gauge("cmserve_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r)
+            "cmserve_graph_pool_bytes", "Device memory held by the captured graphs' pool.", registry=r
+        )
+        self.ready = Gauge(
+            "cmserve_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r
+        )
         self.draining = Gauge("cmserve_draining", "1 while shutting down (draining), else 0.", registry=r)
         # Export every known label value at 0 from the start, so rates and alerts see a series
         # before the first event instead of nothing.

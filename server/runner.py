@@ -75,9 +75,11 @@ class SamplerRunner:
         autocast = dtype != torch.float32
 
         if self.card.kind == "consistency":
+
             def sample() -> torch.Tensor:
                 return consistency_sample(model, noise, labels, times, sigma_d)
         else:
+
             def sample() -> torch.Tensor:
                 return ode_sample(model.velocity, noise[0], labels, times, sigma_d)
 

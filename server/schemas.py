@@ -8,12 +8,9 @@ max n) are checked in the route, before anything is queued.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
-
 
 
 def _json_int(v: Any) -> Any:
@@ -92,7 +89,7 @@ class ModelCardResponse(BaseModel):
     supported_steps: list[int]
     default_steps: int
     schedules: dict[str, list[float]]
-    provenance: dict[str, object]
+    provenance: dict[str, Any]
 
 
 class ModelList(BaseModel):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "cm-mnist.json"
 
@@ -28,9 +27,12 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     backend: Literal["auto", "eager", "graph"] = Field(
-        "auto", description="Runner backend: 'graph' captures CUDA graphs (CUDA only); 'auto' = graph on CUDA, eager on CPU."
+        "auto",
+        description="Runner backend: 'graph' = CUDA graphs (CUDA only); 'auto': graph on CUDA, else eager.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype on CUDA (CPU: float32).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype on CUDA (CPU: float32)."
+    )
     buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
         description="Batch sizes the runner pads up to (and captures on CUDA), comma-separated.",
@@ -48,11 +50,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Bearer API keys, comma-separated; empty = no auth."
     )
     api_keys_file: str = Field("", description="File with one API key per line (added to api_keys).")
-    protect_ops_endpoints: bool = Field(False, description="Require the API key on /healthz, /readyz and /metrics too.")
+    protect_ops_endpoints: bool = Field(
+        False, description="Require the API key on /healthz, /readyz and /metrics too."
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS, comma-separated; empty = no CORS."
     )
-    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: time to drain queued and running work.")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: time to drain queued and running work."
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
@@ -72,7 +78,10 @@ class Settings(BaseSettings):
     def _keys_file(self) -> Settings:
         if self.api_keys_file:
             lines = Path(self.api_keys_file).read_text().splitlines()
-            self.api_keys = [*self.api_keys, *(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#"))]
+            self.api_keys = [
+                *self.api_keys,
+                *(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")),
+            ]
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s exceeds max_timeout_s")
         return self

@@ -54,12 +54,26 @@ class ServerProc:
 
 
 @contextmanager
-def serve_process(*args: str, tmp: Path, env: dict[str, str] | None = None, ready_timeout: float = 120,
-                  wait_ready: bool = True, module: str = "server.cli") -> Iterator[ServerProc]:
+def serve_process(
+    *args: str,
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120,
+    wait_ready: bool = True,
+    module: str = "server.cli",
+) -> Iterator[ServerProc]:
     port = free_port()
     log = tmp / f"server-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [sys.executable, "-m", module, *(["serve"] if module == "server.cli" else []), "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        *(["serve"] if module == "server.cli" else []),
+        "--port",
+        str(port),
+        *args,
+    ]
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT)
     sp = ServerProc(f"http://127.0.0.1:{port}", proc, log)

@@ -58,7 +58,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     mode = "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "native"
     terminalreporter.write_sep("=", "Triton kernels executed")
-    terminalreporter.write_line(f"mode: {mode}; tests that launched Triton kernels: {len(TESTS_WITH_LAUNCHES)}")
+    terminalreporter.write_line(
+        f"mode: {mode}; tests that launched Triton kernels: {len(TESTS_WITH_LAUNCHES)}"
+    )
     for name, n in sorted(LAUNCHES.items()):
         terminalreporter.write_line(f"  {name}: {n} launches")
 
@@ -67,8 +69,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def assert_close_to_fp32(kernel_out: torch.Tensor, torch_lowp: torch.Tensor, ref32: torch.Tensor,
-                         dtype: torch.dtype) -> None:
+def assert_close_to_fp32(
+    kernel_out: torch.Tensor, torch_lowp: torch.Tensor, ref32: torch.Tensor, dtype: torch.dtype
+) -> None:
     """flash-attention's bound: kernel error <= 2 x torch's own error in that dtype + atol,
     both measured against the fp32 reference."""
     err_k = (kernel_out.float() - ref32).abs().max().item()

@@ -8,8 +8,15 @@ from kernels import reference
 from tests.kernels.conftest import DTYPES, LAUNCHES, assert_close_to_fp32
 
 # (B, H, N, Dh): sequence lengths 1, 49 (the model), 77, 257; head dims 16..128 incl. 24, 40, 80
-CASES = [(2, 3, 1, 16), (2, 6, 49, 32), (1, 2, 77, 24), (1, 2, 257, 64), (1, 1, 33, 128), (2, 2, 49, 40),
-         (1, 2, 20, 80)]
+CASES = [
+    (2, 3, 1, 16),
+    (2, 6, 49, 32),
+    (1, 2, 77, 24),
+    (1, 2, 257, 64),
+    (1, 1, 33, 128),
+    (2, 2, 49, 40),
+    (1, 2, 20, 80),
+]
 
 
 def _qkv(B: int, H: int, N: int, Dh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -21,7 +28,9 @@ def _qkv(B: int, H: int, N: int, Dh: int) -> tuple[torch.Tensor, torch.Tensor, t
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qknorm", "plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_attention_matches_reference(case: tuple[int, int, int, int], dtype: torch.dtype, qk_norm: bool) -> None:
+def test_attention_matches_reference(
+    case: tuple[int, int, int, int], dtype: torch.dtype, qk_norm: bool
+) -> None:
     torch.manual_seed(sum(case))
     q, k, v = _qkv(*case)
     Dh = case[3]

@@ -21,7 +21,9 @@ def test_native_kernels_match_references(dtype: torch.dtype) -> None:
     x, h = torch.randn(4, 49, 1023, device=dev), torch.randn(4, 49, 1023, device=dev)
     g, sh, sc = torch.randn(4, 3 * 1023, device=dev).chunk(3, dim=-1)
     lp = [t.to(dtype) for t in (x, sh, sc)]
-    assert_close_to_fp32(kernels.adaln_norm(*lp), reference.adaln_norm(*lp), reference.adaln_norm(x, sh, sc), dtype)
+    assert_close_to_fp32(
+        kernels.adaln_norm(*lp), reference.adaln_norm(*lp), reference.adaln_norm(x, sh, sc), dtype
+    )
     lp = [t.to(dtype) for t in (x, g, h, sh, sc)]
     kx, ky = kernels.residual_adaln_norm(*lp)
     tx, ty = reference.residual_adaln_norm(*lp)
@@ -32,8 +34,12 @@ def test_native_kernels_match_references(dtype: torch.dtype) -> None:
         qkv = torch.randn(B, N, 3, H, Dh, device=dev).permute(2, 0, 3, 1, 4)
         w = torch.rand(Dh, device=dev) + 0.5
         lp = [t.to(dtype) for t in (qkv[0], qkv[1], qkv[2], w, w)]
-        assert_close_to_fp32(kernels.attention(*lp), reference.attention(*lp),
-                             reference.attention(qkv[0], qkv[1], qkv[2], w, w), dtype)
+        assert_close_to_fp32(
+            kernels.attention(*lp),
+            reference.attention(*lp),
+            reference.attention(qkv[0], qkv[1], qkv[2], w, w),
+            dtype,
+        )
 
 
 def _engine(ckpt: Path, backend: str):  # type: ignore[no-untyped-def]

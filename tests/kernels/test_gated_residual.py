@@ -9,7 +9,9 @@ from tests.kernels.conftest import DTYPES, LAUNCHES, assert_close_to_fp32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 16), (2, 49, 192), (3, 5, 123), (2, 3, 1023), (1, 4, 1500)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 16), (2, 49, 192), (3, 5, 123), (2, 3, 1023), (1, 4, 1500)], ids=str
+)
 def test_gated_residual_matches_reference(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
     torch.manual_seed(sum(shape))
     B, N, D = shape

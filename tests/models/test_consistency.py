@@ -80,8 +80,13 @@ def test_ode_step_is_exact_for_an_exact_denoiser() -> None:
         n = (x - c * x_data) / s
         return c * n - s * x_data
 
-    out = ode_sample(velocity, torch.randn(1, 1, 4, 4), torch.zeros(1, dtype=torch.long),
-                     torch.tensor(teacher_times(8), dtype=torch.float64).float(), 0.5)
+    out = ode_sample(
+        velocity,
+        torch.randn(1, 1, 4, 4),
+        torch.zeros(1, dtype=torch.long),
+        torch.tensor(teacher_times(8), dtype=torch.float64).float(),
+        0.5,
+    )
     torch.testing.assert_close(out, x_data, atol=1e-4, rtol=0)
 
 

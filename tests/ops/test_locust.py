@@ -13,9 +13,30 @@ pytestmark = pytest.mark.slow
 
 
 def _locust(url: str, tmp: Path, *slo: str) -> tuple[int, str]:
-    p = run(tool("locust"), "-f", str(DEPLOY / "locust" / "locustfile.py"), "--headless", "-H", url,
-            "-u", "4", "-r", "4", "-t", "6s", "--stop-timeout", "10", "--user-rate", "3", "--only-summary",
-            "--csv", str(tmp / "locust"), *slo, ok=False, timeout=90)
+    p = run(
+        tool("locust"),
+        "-f",
+        str(DEPLOY / "locust" / "locustfile.py"),
+        "--headless",
+        "-H",
+        url,
+        "-u",
+        "4",
+        "-r",
+        "4",
+        "-t",
+        "6s",
+        "--stop-timeout",
+        "10",
+        "--user-rate",
+        "3",
+        "--only-summary",
+        "--csv",
+        str(tmp / "locust"),
+        *slo,
+        ok=False,
+        timeout=90,
+    )
     return p.returncode, p.stdout + p.stderr
 
 

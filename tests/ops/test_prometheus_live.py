@@ -39,13 +39,22 @@ def test_prometheus_scrapes_and_rules_give_sane_quantiles(tiny_ckpt: Path, tmp_p
         cfg = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))],
-            "scrape_configs": [{"job_name": "cmserve", "static_configs": [{"targets": [sp.url.split("//")[1]]}]}],
+            "scrape_configs": [
+                {"job_name": "cmserve", "static_configs": [{"targets": [sp.url.split("//")[1]]}]}
+            ],
         }
         (tmp_path / "prom.yml").write_text(yaml.safe_dump(cfg))
         log = (tmp_path / "prom.log").open("wb")
         prom_proc = subprocess.Popen(
-            [prometheus, f"--config.file={tmp_path / 'prom.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+            [
+                prometheus,
+                f"--config.file={tmp_path / 'prom.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         prom = f"http://127.0.0.1:{port}"
         try:
             latencies = []
@@ -54,7 +63,9 @@ def test_prometheus_scrapes_and_rules_give_sane_quantiles(tiny_ckpt: Path, tmp_p
                 i = 0
                 while time.monotonic() < t_end:
                     t = time.perf_counter()
-                    r = c.post("/v1/generate", json={"class_label": i % 10, "n": 1 + i % 4, "steps": 1 + i % 4})
+                    r = c.post(
+                        "/v1/generate", json={"class_label": i % 10, "n": 1 + i % 4, "steps": 1 + i % 4}
+                    )
                     latencies.append(time.perf_counter() - t)
                     assert r.status_code == 200
                     if i % 20 == 0:
@@ -70,8 +81,11 @@ def test_prometheus_scrapes_and_rules_give_sane_quantiles(tiny_ckpt: Path, tmp_p
                 assert rec, f"recording rule {q} returned nothing"
                 v = float(rec[0]["value"][1])
                 assert lo <= v <= hi, (q, v, lo, hi)
-            direct = _query(prom, 'histogram_quantile(0.99, sum by (le) (rate('
-                                  'cmserve_request_duration_seconds_bucket{route="/v1/generate"}[15s])))')
+            direct = _query(
+                prom,
+                "histogram_quantile(0.99, sum by (le) (rate("
+                'cmserve_request_duration_seconds_bucket{route="/v1/generate"}[15s])))',
+            )
             assert lo <= float(direct[0]["value"][1]) <= hi
             assert float(_query(prom, "job:cmserve_images_generated:rate1m")[0]["value"][1]) > 0
             mean_batch = float(_query(prom, "job:cmserve_batch_size_images:mean_rate1m")[0]["value"][1])

@@ -37,7 +37,9 @@ def test_kubernetes_manifests_validate(tmp_path: Path) -> None:
         rendered.write_text(run(kubectl, "kustomize", str(DEPLOY / "kubernetes")).stdout)
         files = [str(rendered)]
     else:
-        files = [str(p) for p in sorted((DEPLOY / "kubernetes").glob("*.yaml")) if p.name != "kustomization.yaml"]
+        files = [
+            str(p) for p in sorted((DEPLOY / "kubernetes").glob("*.yaml")) if p.name != "kustomization.yaml"
+        ]
     out = run(tool("kubernetes-validate"), "--strict", *files)
     assert "passed for resource deployment/cmserve" in out.stdout + out.stderr
     docs = [d for f in files for d in yaml.safe_load_all(Path(f).read_text()) if d]
@@ -46,7 +48,10 @@ def test_kubernetes_manifests_validate(tmp_path: Path) -> None:
     dep = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     c = dep["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert (
+        c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    )
     assert "preStop" in c["lifecycle"]
     grace = int(next(e["value"] for e in c["env"] if e["name"] == "CMSERVE_SHUTDOWN_GRACE_S"))
     assert dep["terminationGracePeriodSeconds"] > grace  # drain fits inside the kill deadline
@@ -67,15 +72,30 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     """promtool parses each panel's PromQL (wrapped as a recording rule)."""
     exprs = dashboard_exprs()
     assert len(exprs) >= 15
-    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e}
-                                                         for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(exprs)],
+            }
+        ]
+    }
     f = tmp_path / "dash_rules.yml"
     f.write_text(yaml.safe_dump(rules))
     run(tool("promtool"), "check", "rules", str(f))
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "cmserve.json").read_text())
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for want in ("p50 / p95 / p99", "queue wait vs batch compute", "images per second", "batch size", "queue depth",
-                 "errors", "padding"):
+    for want in (
+        "p50 / p95 / p99",
+        "queue wait vs batch compute",
+        "images per second",
+        "batch size",
+        "queue depth",
+        "errors",
+        "padding",
+    ):
         assert want in titles, want
-    prov = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    prov = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
     assert prov["datasources"][0]["uid"] == dash["panels"][0]["datasource"]["uid"]

@@ -18,15 +18,23 @@ FAULTS = "tests.reliability.fault_server"
 
 
 def test_a_faulty_batch_fails_alone_with_500_and_a_request_id(tiny_ckpt: Path, tmp_path: Path) -> None:
-    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4", tmp=tmp_path, module=FAULTS) as sp, \
-            httpx.Client(base_url=sp.url, timeout=30) as c:
+    with (
+        serve_process(
+            "--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4", tmp=tmp_path, module=FAULTS
+        ) as sp,
+        httpx.Client(base_url=sp.url, timeout=30) as c,
+    ):
         for seed, reason in ((666, "exception"), (777, "nonfinite")):
             r = c.post("/v1/generate", json={"seed": seed}, headers={"x-request-id": f"fault-{seed}"})
             assert r.status_code == 500
             body = r.json()
             assert body["request_id"] == r.headers["x-request-id"] == f"fault-{seed}"
-            assert "internal detail" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
-            assert c.post("/v1/generate", json={"seed": seed + 1}).status_code == 200  # the next batch is fine
+            assert (
+                "internal detail" not in r.text and "Traceback" not in r.text and "RuntimeError" not in r.text
+            )
+            assert (
+                c.post("/v1/generate", json={"seed": seed + 1}).status_code == 200
+            )  # the next batch is fine
             assert sp.metric("cmserve_batch_failures_total", f'reason="{reason}"') == 1
         log = sp.output()
         assert "fault-666" in log and "fault-777" in log  # logged with the request ids
@@ -36,8 +44,10 @@ def _send_and_hang_up(url: str, body: bytes, after_s: float) -> None:
     """Send a whole request on a raw socket, then close it without reading: a client that left."""
     host, port = url.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"POST /v1/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(
+            b"POST /v1/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
         time.sleep(after_s)
 
 
@@ -45,15 +55,24 @@ def test_deadlines_and_disconnects_cost_no_compute(tiny_ckpt: Path, tmp_path: Pa
     """One slow batch holds the worker; requests queued behind it either expire (504) or are
     abandoned by their clients: none of them reaches the sampler."""
     env = {"FAULT_SLOW_MS": "4000"}
-    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4", tmp=tmp_path, module=FAULTS,
-                       env=env) as sp, httpx.Client(base_url=sp.url, timeout=30) as c:
+    with (
+        serve_process(
+            "--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4", tmp=tmp_path, module=FAULTS, env=env
+        ) as sp,
+        httpx.Client(base_url=sp.url, timeout=30) as c,
+    ):
         rows_before = sp.metric("cmserve_batch_size_images_sum")
         with cf.ThreadPoolExecutor(32) as pool:
             blocker = pool.submit(c.post, "/v1/generate", json={"seed": 1})
             time.sleep(0.5)  # the blocker is now computing, for 4 s
-            exp = [pool.submit(c.post, "/v1/generate", json={"seed": 100 + i, "timeout_s": 0.3}) for i in range(8)]
-            gone = [pool.submit(_send_and_hang_up, sp.url, json.dumps({"seed": 200 + i}).encode(), 0.2)
-                    for i in range(16)]
+            exp = [
+                pool.submit(c.post, "/v1/generate", json={"seed": 100 + i, "timeout_s": 0.3})
+                for i in range(8)
+            ]
+            gone = [
+                pool.submit(_send_and_hang_up, sp.url, json.dumps({"seed": 200 + i}).encode(), 0.2)
+                for i in range(16)
+            ]
             for f in gone:
                 f.result()
             assert [f.result().status_code for f in exp] == [504] * 8
@@ -69,10 +88,21 @@ def test_deadlines_and_disconnects_cost_no_compute(tiny_ckpt: Path, tmp_path: Pa
 
 def test_backpressure_429_with_retry_after_while_health_stays_fast(tiny_ckpt: Path, tmp_path: Path) -> None:
     env = {"FAULT_SLOW_MS": "400"}
-    args = ("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4", "--max-batch-size", "4", "--max-queue-images", "8")
-    with serve_process(*args, tmp=tmp_path, module=FAULTS, env=env) as sp, \
-            httpx.Client(base_url=sp.url, timeout=60, limits=httpx.Limits(max_connections=64)) as load, \
-            httpx.Client(base_url=sp.url, timeout=5) as probe:
+    args = (
+        "--checkpoint",
+        str(tiny_ckpt),
+        "--buckets",
+        "1,2,4",
+        "--max-batch-size",
+        "4",
+        "--max-queue-images",
+        "8",
+    )
+    with (
+        serve_process(*args, tmp=tmp_path, module=FAULTS, env=env) as sp,
+        httpx.Client(base_url=sp.url, timeout=60, limits=httpx.Limits(max_connections=64)) as load,
+        httpx.Client(base_url=sp.url, timeout=5) as probe,
+    ):
         probe.get("/healthz")  # open the probe's connection before the load starts
         with cf.ThreadPoolExecutor(40) as pool:
             futs = [pool.submit(load.post, "/v1/generate", json={"seed": i}) for i in range(40)]

@@ -29,14 +29,25 @@ def real_size_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _saturation(port: int) -> float:
     """Images/s the server sustains when flooded (measured, not assumed)."""
-    res = asyncio.run(open_loop("127.0.0.1", port, rate=400, duration_s=4.0,
-                                body_fn=lambda r: (make_body(r, n=4), 4)))
+    res = asyncio.run(
+        open_loop("127.0.0.1", port, rate=400, duration_s=4.0, body_fn=lambda r: (make_body(r, n=4), 4))
+    )
     return res.images_ok / res.wall_s
 
 
 def _run(real_size_ckpt: Path, tmp_path: Path, factor: float, duration: float) -> None:
-    args = ("--checkpoint", str(real_size_ckpt), "--buckets", "1,2,4,8,16,32", "--max-batch-size", str(BATCH),
-            "--max-queue-images", str(QUEUE), "--default-timeout-s", "60")
+    args = (
+        "--checkpoint",
+        str(real_size_ckpt),
+        "--buckets",
+        "1,2,4,8,16,32",
+        "--max-batch-size",
+        str(BATCH),
+        "--max-queue-images",
+        str(QUEUE),
+        "--default-timeout-s",
+        "60",
+    )
     with serve_process(*args, tmp=tmp_path) as sp:
         port = int(sp.url.rsplit(":", 1)[1])
         sat = _saturation(port)  # also warms every code path before the RSS baseline
@@ -44,15 +55,27 @@ def _run(real_size_ckpt: Path, tmp_path: Path, factor: float, duration: float) -
         rss0 = sp.rss_bytes()
         rate = factor * sat / 4  # requests/s of n = 4 images
         sent0 = sp.metric("cmserve_requests_total", 'route="/v1/generate"')
-        res = asyncio.run(open_loop("127.0.0.1", port, rate, duration, seed=1,
-                                    body_fn=lambda r: (make_body(r, n=4, steps=random.Random(r.random()).choice([1, 2])), 4)))
+        res = asyncio.run(
+            open_loop(
+                "127.0.0.1",
+                port,
+                rate,
+                duration,
+                seed=1,
+                body_fn=lambda r: (make_body(r, n=4, steps=random.Random(r.random()).choice([1, 2])), 4),
+            )
+        )
         time.sleep(2)
         rss1 = sp.rss_bytes()
         answered = sp.metric("cmserve_requests_total", 'route="/v1/generate"') - sent0
-        compute_mean = sp.metric("cmserve_batch_compute_seconds_sum") / sp.metric("cmserve_batch_compute_seconds_count")
+        compute_mean = sp.metric("cmserve_batch_compute_seconds_sum") / sp.metric(
+            "cmserve_batch_compute_seconds_count"
+        )
     s = res.summary()
-    print(f"\nload x{factor}: saturation {sat:.0f} img/s, sent {res.sent}, statuses {s['statuses']}, "
-          f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB")
+    print(
+        f"\nload x{factor}: saturation {sat:.0f} img/s, sent {res.sent}, statuses {s['statuses']}, "
+        f"p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB"
+    )
     assert res.sent > 0 and sum(res.statuses.values()) == res.sent  # every request got an answer...
     assert answered == res.sent  # ...and the server answered each exactly once
     assert set(res.statuses) <= {200, 429, 503, 504}, s["statuses"]  # no 5xx but the specified ones

@@ -24,8 +24,16 @@ pytestmark = pytest.mark.slow
 def test_sigterm_drains_queued_and_running_requests(tiny_ckpt: Path, tmp_path: Path) -> None:
     grace = 8
     env = {"FAULT_SLOW_MS": "300"}  # every batch takes >= 300 ms, so work is queued at SIGTERM
-    args = ("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4", "--max-batch-size", "4",
-            "--shutdown-grace-s", str(grace))
+    args = (
+        "--checkpoint",
+        str(tiny_ckpt),
+        "--buckets",
+        "1,2,4",
+        "--max-batch-size",
+        "4",
+        "--shutdown-grace-s",
+        str(grace),
+    )
     outcomes: list[tuple[str, int, int]] = []  # (kind, status, images)
     lock = threading.Lock()
     stop = threading.Event()

@@ -11,7 +11,9 @@ from server.settings import Settings
 
 
 @asynccontextmanager
-async def app_client(settings: Settings, wait_ready: bool = True) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+async def app_client(
+    settings: Settings, wait_ready: bool = True
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
     """The app with its lifespan running, behind httpx's ASGI transport."""
     import asyncio
 

@@ -37,7 +37,9 @@ async def test_generate_returns_decodable_pngs_and_is_deterministic(tiny_ckpt: P
         assert all(d["class_label"] == 7 for d in j1["data"])
         imgs = [_png(d["b64_json"]) for d in j1["data"]]
         assert all(i.shape == (28, 28) and i.dtype == np.uint8 for i in imgs)
-        assert all(np.array_equal(_png(a["b64_json"]), _png(b["b64_json"])) for a, b in zip(j1["data"], j2["data"]))
+        assert all(
+            np.array_equal(_png(a["b64_json"]), _png(b["b64_json"])) for a, b in zip(j1["data"], j2["data"])
+        )
         assert not np.array_equal(imgs[0], imgs[1])
         assert set(j1["timings_ms"]) == {"queue", "compute", "encode", "total"}
         assert r1.headers["x-request-id"]
@@ -90,8 +92,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("body", "status", "param"), BAD)
-async def test_bad_fields_get_4xx_and_never_reach_the_model(tiny_ckpt: Path, body: dict, status: int,
-                                                           param: str) -> None:
+async def test_bad_fields_get_4xx_and_never_reach_the_model(
+    tiny_ckpt: Path, body: dict, status: int, param: str
+) -> None:
     async with app_client(_settings(tiny_ckpt)) as (c, app):
         r = await c.post("/v1/generate", json=body)
         assert r.status_code == status, r.text

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from server.batcher import BatchFailed, Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from server.batcher import Batcher, BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.metrics import Metrics
 
 
@@ -32,8 +32,14 @@ class FakeSampler:
 
 
 def _job(steps: int, seeds: list[int], rid: str = "r", timeout: float = 10.0) -> Job:
-    return Job(steps=steps, labels=[None] * len(seeds), seeds=seeds, deadline=time.monotonic() + timeout,
-               request_id=rid, future=asyncio.get_running_loop().create_future())
+    return Job(
+        steps=steps,
+        labels=[None] * len(seeds),
+        seeds=seeds,
+        deadline=time.monotonic() + timeout,
+        request_id=rid,
+        future=asyncio.get_running_loop().create_future(),
+    )
 
 
 def _batcher(sampler: FakeSampler, **kw: float) -> Batcher:

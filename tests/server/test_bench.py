@@ -16,8 +16,13 @@ pytestmark = pytest.mark.slow
 
 def _bench(*args: str, tmp: Path) -> dict:
     out = tmp / "out.json"
-    subprocess.run([sys.executable, "-m", "server.cli", "bench", *args, "--quick", "--json", str(out)], cwd=ROOT,
-                   check=True, timeout=240, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", *args, "--quick", "--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
     return json.loads(out.read_text())
 
 
@@ -30,8 +35,15 @@ def test_sampler_bench_quick(tmp_path: Path) -> None:
 
 def test_server_bench_quick(tmp_path: Path) -> None:
     r = _bench("server", "--plot", str(tmp_path / "plot.png"), tmp=tmp_path)
-    for key in ("raw_images_per_s", "saturation_images_per_s", "efficiency", "idle_overhead_ms",
-                "p99_over_p50_at_70pct", "max_rate_under_slo", "slo_ms"):
+    for key in (
+        "raw_images_per_s",
+        "saturation_images_per_s",
+        "efficiency",
+        "idle_overhead_ms",
+        "p99_over_p50_at_70pct",
+        "max_rate_under_slo",
+        "slo_ms",
+    ):
         assert key in r, key
     assert set(r["max_rate_under_slo"]) >= {"cmserve", "litserve", "plain", "cmserve_no_batching"}
     for name, cfg in r["configs"].items():

@@ -20,8 +20,10 @@ def _sample(text: str, name: str, labels: str = "") -> float:
 
 
 def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -> None:
-    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4,8", tmp=tmp_path) as sp, \
-            httpx.Client(base_url=sp.url, timeout=30) as c:
+    with (
+        serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4,8", tmp=tmp_path) as sp,
+        httpx.Client(base_url=sp.url, timeout=30) as c,
+    ):
         before = c.get("/metrics").text
         assert _sample(before, "cmserve_ready") == 1.0
         n_images = 0
@@ -40,8 +42,9 @@ def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -
         assert _sample(after, "cmserve_queue_wait_seconds_count") == 6
         assert _sample(after, "cmserve_batch_size_images_sum") == n_images
         assert _sample(after, "cmserve_encode_seconds_count") == 6
-        computed = _sample(after, "cmserve_batch_compute_seconds_count", '{steps="1"}') + \
-            _sample(after, "cmserve_batch_compute_seconds_count", '{steps="2"}')
+        computed = _sample(after, "cmserve_batch_compute_seconds_count", '{steps="1"}') + _sample(
+            after, "cmserve_batch_compute_seconds_count", '{steps="2"}'
+        )
         assert computed == _sample(after, "cmserve_batch_size_images_count") == 6
         # buckets are dense from 1 ms: the 1 ms bucket exists, so histogram_quantile can resolve it
         assert 'cmserve_request_duration_seconds_bucket{le="0.001",route="/v1/generate"}' in after

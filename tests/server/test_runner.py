@@ -23,7 +23,9 @@ def _runner(ckpt: Path, buckets: list[int]) -> SamplerRunner:
     return r
 
 
-@pytest.mark.parametrize(("B", "chunks", "padded"), [(1, [1], 0), (3, [4], 1), (7, [4, 4], 1), (9, [4, 4, 1], 0)])
+@pytest.mark.parametrize(
+    ("B", "chunks", "padded"), [(1, [1], 0), (3, [4], 1), (7, [4, 4], 1), (9, [4, 4, 1], 0)]
+)
 def test_padding_and_chunking(tiny_ckpt: Path, B: int, chunks: list[int], padded: int) -> None:
     r = _runner(tiny_ckpt, [1, 2, 4])
     torch.manual_seed(B)
@@ -50,7 +52,9 @@ def test_padding_rows_do_not_leak_into_real_rows(tiny_ckpt: Path) -> None:
     labels = torch.tensor([1, 2, 3, 4])
     r.run(1, noise, labels)  # fill the buffers with other data
     one = r.run(1, noise[:, :1] * 0.5, labels[:1])
-    alone = consistency_sample(r.model, noise[:, :1] * 0.5, labels[:1], torch.tensor(r.card.schedules[1]), 0.5)
+    alone = consistency_sample(
+        r.model, noise[:, :1] * 0.5, labels[:1], torch.tensor(r.card.schedules[1]), 0.5
+    )
     torch.testing.assert_close(one, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -66,7 +70,9 @@ def test_a_request_gives_the_same_images_alone_and_in_any_batch(tiny_ckpt: Path)
         others_l = [int(v) for v in torch.randint(0, 10, (k,), generator=g)]
         others_s = [int(v) for v in torch.randint(0, 10_000, (k,), generator=g)]
         pos = k // 2  # somewhere in the middle of the batch
-        out = engine.sample(2, others_l[:pos] + mine_labels + others_l[pos:], others_s[:pos] + mine_seeds + others_s[pos:])
+        out = engine.sample(
+            2, others_l[:pos] + mine_labels + others_l[pos:], others_s[:pos] + mine_seeds + others_s[pos:]
+        )
         return out[pos : pos + 2]
 
     for k in (3, 30):
