@@ -39,7 +39,8 @@ class ServerProc:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
-    def metric(self, name: str, labels: str = "") -> float:
+    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
+        """Sum of the samples of `name` whose labels contain `labels`; `default` if none exists."""
         import re
 
         text = httpx.get(self.url + "/metrics", timeout=10).text
@@ -49,6 +50,8 @@ class ServerProc:
                 continue
             total += float(m.group(2))
             found = True
+        if not found and default is not None:
+            return default
         assert found, f"{name}{{{labels}}} not exported"
         return total
 

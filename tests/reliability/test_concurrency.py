@@ -96,7 +96,7 @@ def test_many_clients_no_lost_or_duplicated_answers(tiny_ckpt: Path, tmp_path: P
 
         dog = threading.Thread(target=watchdog)
         dog.start()
-        before = sp.metric("cmserve_requests_total", 'route="/v1/generate"')
+        before = sp.metric("cmserve_requests_total", 'route="/v1/generate"', default=0.0)
         log: list[dict] = []
 
         async def main() -> None:

@@ -54,7 +54,7 @@ def _run(real_size_ckpt: Path, tmp_path: Path, factor: float, duration: float) -
         time.sleep(1)
         rss0 = sp.rss_bytes()
         rate = factor * sat / 4  # requests/s of n = 4 images
-        sent0 = sp.metric("cmserve_requests_total", 'route="/v1/generate"')
+        sent0 = sp.metric("cmserve_requests_total", 'route="/v1/generate"', default=0.0)
         res = asyncio.run(
             open_loop(
                 "127.0.0.1",
