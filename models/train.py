@@ -98,6 +98,17 @@ def ect_sigma_r(cfg: TrainConfig, k: int, sigma: torch.Tensor) -> torch.Tensor:
     return (sigma * (1.0 - ratio)).clamp(min=0.0)
 
 
+def v_loss(
+    model: TrigFlow, x0: torch.Tensor, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """TrigFlow diffusion loss ‖F(x_t/σ_d, t) − v/σ_d‖², v = dx_t/dt = cos(t)·σ_d·z − sin(t)·x0.
+    x0, z: [B, C, H, W]; y, t: [B]."""
+    c, s = torch.cos(t)[:, None, None, None], torch.sin(t)[:, None, None, None]
+    x_t = c * x0 + s * SIGMA_D * z
+    v = c * SIGMA_D * z - s * x0
+    return (model.net(x_t / SIGMA_D, t, y) - v / SIGMA_D).pow(2).mean()
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, log: Any = print) -> None:
         self.cfg = cfg
@@ -164,12 +175,7 @@ class Trainer:
         cfg = self.cfg
         x0, y, z = self._batch()
         sigma = torch.exp(cfg.p_mean + cfg.p_std * torch.randn(cfg.batch_size, generator=self.gen))
-        t = torch.atan(sigma / SIGMA_D)
-        c, s = torch.cos(t)[:, None, None, None], torch.sin(t)[:, None, None, None]
-        x_t = c * x0 + s * SIGMA_D * z
-        v = c * SIGMA_D * z - s * x0  # dx_t/dt
-        F = self.model.net(x_t / SIGMA_D, t, y)
-        return (F - v / SIGMA_D).pow(2).mean()
+        return v_loss(self.model, x0, y, z, torch.atan(sigma / SIGMA_D))
 
     def ect_loss(self, k: int) -> torch.Tensor:
         cfg = self.cfg

@@ -1,0 +1,94 @@
+"""Training: a few tiny steps lower the loss; an interrupted run resumes to the same state;
+`cmserve eval --quick` runs end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.train import run, v_loss
+from tests.procs import ROOT
+
+
+def _fixed_loss(model) -> float:  # type: ignore[no-untyped-def]
+    from models.data import load_split
+
+    g = torch.Generator().manual_seed(99)
+    x, y = load_split("train")
+    x0, y = x[:64], y[:64]
+    z = torch.randn(x0.shape, generator=g)
+    t = torch.atan(torch.exp(-1.0 + 1.4 * torch.randn(64, generator=g)) / 0.5)
+    with torch.no_grad():
+        return float(v_loss(model, x0, y, z, t))
+
+
+def test_a_few_tiny_teacher_steps_lower_the_loss(tmp_path: Path) -> None:
+    trainer = run("tiny", str(tmp_path / "a"), {"teacher_steps": 1, "ect_steps": 0, "sample_every": 0})
+    start = _fixed_loss(trainer.model)
+    trainer = run(
+        "tiny",
+        str(tmp_path / "b"),
+        {"teacher_steps": 40, "ect_steps": 0, "sample_every": 0, "teacher_lr": 3e-3},
+    )
+    assert _fixed_loss(trainer.model) < 0.9 * start
+
+
+def test_training_resumes_to_the_same_state(tmp_path: Path) -> None:
+    straight = run("tiny", str(tmp_path / "straight"))
+    run("tiny", str(tmp_path / "resumed"), stop_after=5)  # stops mid-teacher, state saved
+    state = torch.load(tmp_path / "resumed" / "state.pt", weights_only=False)
+    assert state["step"] == 5
+    resumed = run("tiny", str(tmp_path / "resumed"))  # picks up at step 5, crosses into ECT
+    assert resumed.step == straight.step == 10
+    for (k, a), (_, b) in zip(straight.ema.state_dict().items(), resumed.ema.state_dict().items()):
+        assert torch.equal(a, b), k
+    # and the exports are real checkpoints
+    model, card = load_checkpoint(tmp_path / "resumed" / "consistency")
+    assert card.kind == "consistency" and card.provenance["training_steps"] == 10
+    _, tcard = load_checkpoint(tmp_path / "resumed" / "teacher")
+    assert tcard.kind == "diffusion" and 32 in tcard.schedules
+
+
+def test_eval_quick_runs_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "eval",
+            "--quick",
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--teacher",
+            str(tiny_ckpt),
+            "--json",
+            str(out),
+            "--grid",
+            str(tmp_path / "grid.png"),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [
+        ("consistency", 1),
+        ("consistency", 2),
+        ("consistency", 4),
+        ("teacher", 4),
+        ("real", 0),
+    ]
+    for r in rows:
+        assert set(r) == {"sampler", "steps", "fld", "class_accuracy", "ms_per_image", "num_samples"}
+        assert r["num_samples"] == 100 and r["fld"] >= 0 and 0 <= r["class_accuracy"] <= 1
+    real = rows[-1]
+    assert real["class_accuracy"] > 0.9  # the classifier on held-out real digits
+    assert rows[1]["fld"] > 3 * real["fld"]  # an untrained model is far from the data
+    assert (tmp_path / "grid.png").stat().st_size > 1000
