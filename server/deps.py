@@ -1,0 +1,78 @@
+"""Shared request-scope pieces: the server's state, API errors, and API-key dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from server.batcher import Batcher
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+    encode_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="cmserve-encode")
+    )
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.cm
+
+
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def _check_key(request: Request, st: ServerState) -> None:
+    keys = st.settings.api_keys
+    if not keys:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    ok = False
+    if scheme.lower() == "bearer" and token:
+        # compare against every key so the time taken does not tell which (or whether one) matched
+        for k in keys:
+            ok |= hmac.compare_digest(token.encode(), k.encode())
+    if not ok:
+        raise ApiError(
+            401, "missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def require_key(request: Request, st: State) -> None:
+    _check_key(request, st)
+
+
+def require_key_ops(request: Request, st: State) -> None:
+    if st.settings.protect_ops_endpoints:
+        _check_key(request, st)

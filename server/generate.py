@@ -1,0 +1,180 @@
+"""POST /v1/generate: validate, queue, wait (deadline, disconnect), encode, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from models.grid import png_bytes
+from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
+from server.deps import ApiError, ServerState
+from server.engine import Engine
+from server.errors import first_validation_error, request_id_of
+from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
+from server.settings import Settings
+
+
+def _accepts_png(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateRequest:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "content-type must be application/json", code="unsupported_media_type")
+    body = await request.body()
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    try:
+        req = GenerateRequest.model_validate(obj)
+    except ValidationError as e:
+        msg, param = first_validation_error(list(e.errors()))
+        raise ApiError(422, msg, param=param, code="invalid_value") from None
+    card = engine.card
+    if req.class_label is not None and req.class_label >= card.arch.num_classes:
+        raise ApiError(
+            422,
+            f"class_label must be in [0, {card.arch.num_classes - 1}] or null",
+            param="class_label",
+            code="unknown_class",
+        )
+    if req.steps not in card.schedules:
+        raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
+    if req.n > st.settings.max_images_per_request:
+        raise ApiError(
+            422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large"
+        )
+    return req
+
+
+def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
+    t = req.timeout_s
+    if t is None and "x-request-timeout" in request.headers:
+        try:
+            t = float(request.headers["x-request-timeout"])
+        except ValueError:
+            raise ApiError(
+                400, "x-request-timeout must be a number of seconds", code="invalid_value"
+            ) from None
+        if not t > 0:
+            raise ApiError(400, "x-request-timeout must be positive", code="invalid_value")
+    return min(float(t) if t is not None else s.default_timeout_s, s.max_timeout_s)
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """After the body is read, the next ASGI message is http.disconnect (client gone, or the
+    response was sent): flag the job so the batcher drops it if it has not started."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            job.client_gone = True
+            return
+
+
+def _encode(images: Any) -> list[bytes]:
+    return [png_bytes(img) for img in images]
+
+
+async def generate(request: Request, st: ServerState) -> Any:
+    t_arrive = time.monotonic()
+    if st.draining:
+        st.metrics.rejected.labels("draining").inc()
+        raise ApiError(503, "server is shutting down", code="draining", headers={"Retry-After": "1"})
+    if not st.ready or st.engine is None or st.batcher is None:
+        raise ApiError(503, "model is loading", code="not_ready", headers={"Retry-After": "5"})
+    engine, batcher, m = st.engine, st.batcher, st.metrics
+    req = await _parse(request, st, engine)
+    png = _accepts_png(request)
+    if png and req.n != 1:
+        raise ApiError(
+            406,
+            "Accept: image/png needs n = 1; use JSON for several images",
+            param="n",
+            code="not_acceptable",
+        )
+    timeout = _timeout(request, req, st.settings)
+    seed = req.seed if req.seed is not None else secrets.randbits(62)
+    rid = request_id_of(request.scope)
+    job = Job(
+        steps=req.steps,
+        labels=[req.class_label] * req.n,
+        seeds=[seed + i for i in range(req.n)],
+        deadline=t_arrive + timeout,
+        request_id=rid,
+        future=asyncio.get_running_loop().create_future(),
+    )
+    try:
+        batcher.submit(job)
+    except QueueFull as e:
+        m.rejected.labels("queue_full").inc()
+        raise ApiError(
+            429,
+            "queue is full; retry later",
+            code="queue_full",
+            headers={"Retry-After": str(e.retry_after_s)},
+        ) from None
+    m.inflight.inc()
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    try:
+        done, _ = await asyncio.wait({job.future}, timeout=max(0.0, job.deadline - time.monotonic()))
+        if not done:
+            job.future.cancel()
+            m.rejected.labels("deadline").inc()
+            raise ApiError(504, f"deadline of {timeout:g} s passed", code="deadline_exceeded")
+        try:
+            result = job.future.result()
+        except DeadlineExceeded:
+            raise ApiError(
+                504, f"deadline of {timeout:g} s passed before compute", code="deadline_exceeded"
+            ) from None
+        except Draining:
+            raise ApiError(503, "server is shutting down", code="draining") from None
+        except BatchFailed as e:
+            raise ApiError(
+                500, f"generation failed ({e.reason}); request id {rid}", code="batch_failed"
+            ) from None
+        except asyncio.CancelledError:  # dropped because the client left; nobody reads this
+            return Response(status_code=499)
+        t0 = time.perf_counter()
+        pngs = await asyncio.get_running_loop().run_in_executor(st.encode_pool, _encode, result.images)
+        encode_s = time.perf_counter() - t0
+        m.encode.observe(encode_s)
+        m.images.inc(req.n)
+    finally:
+        watcher.cancel()
+        m.inflight.dec()
+    total_s = time.monotonic() - t_arrive
+    timings = Timings(
+        queue=result.queue_s * 1e3, compute=result.compute_s * 1e3, encode=encode_s * 1e3, total=total_s * 1e3
+    )
+    name = engine.card.name
+    if png:
+        server_timing = ", ".join(f"{k};dur={v:.2f}" for k, v in timings.model_dump().items())
+        headers = {
+            "x-seed": str(seed),
+            "x-model": name,
+            "x-steps": str(req.steps),
+            "server-timing": server_timing,
+            "x-class-label": "null" if req.class_label is None else str(req.class_label),
+        }
+        return Response(pngs[0], media_type="image/png", headers=headers)
+    data = [
+        ImageData(b64_json=base64.b64encode(p).decode(), seed=seed + i, class_label=req.class_label)
+        for i, p in enumerate(pngs)
+    ]
+    return GenerateResponse(
+        model=name, steps=req.steps, created=int(time.time()), data=data, timings_ms=timings
+    )
