@@ -378,6 +378,31 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The README's tables from a `bench server` result."""
+    rows = [
+        "| config | idle p50 ms | saturation images/s | max rate under SLO (req/s) |",
+        "|---|---|---|---|",
+    ]
+    for name, cfg in result["configs"].items():
+        rows.append(
+            f"| {name} | {cfg['idle_p50_ms']} | {cfg['saturation_images_per_s']} | "
+            f"{cfg['max_rate_under_slo']} |"
+        )
+    sweep = [
+        "| config | rate req/s | achieved img/s | p50 ms | p95 ms | p99 ms | server p99 ms | 429/503 | err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cfg in result["configs"].items():
+        for r in cfg["sweep"]:
+            sweep.append(
+                f"| {name} | {r['rate_rps']} | {r['throughput_images_per_s']} | {r['p50_ms']} | "
+                f"{r['p95_ms']} | {r['p99_ms']} | {r.get('server_p99_ms', '')} | {r['rejected']} | "
+                f"{r['errors']} |"
+            )
+    return "\n".join(rows) + "\n\n" + "\n".join(sweep) + "\n"
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -431,6 +456,7 @@ def main(args: argparse.Namespace) -> None:
         }
     else:
         result = bench_server(args)
+        print(markdown(result))
         if args.plot:
             plot(result, args.plot)
     if args.json:
