@@ -175,6 +175,8 @@ async def generate(request: Request, st: ServerState) -> Any:
         ImageData(b64_json=base64.b64encode(p).decode(), seed=seed + i, class_label=req.class_label)
         for i, p in enumerate(pngs)
     ]
-    return GenerateResponse(
+    body = GenerateResponse(
         model=name, steps=req.steps, created=int(time.time()), data=data, timings_ms=timings
     )
+    # serialized once here: returning the model would make FastAPI validate it a second time
+    return Response(body.model_dump_json(), media_type="application/json")
