@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,8 +143,13 @@ class Proc:
     def __init__(self, cmd: list[str], ready_path: str, log: Path) -> None:
         self.port = _free_port()
         self.log = log
+        # own process group: LitServe forks workers, and stop() must take them all down
         self.proc = subprocess.Popen(
-            [*cmd, "--port", str(self.port)], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT
+            [*cmd, "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 180
         while True:
@@ -164,13 +172,19 @@ class Proc:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        pgid = self.proc.pid  # == its process group id (start_new_session)
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
             try:
-                self.proc.wait(20)
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)  # stragglers of the group
+            return
 
 
 def _buckets(text: str) -> dict[float, float]:
