@@ -199,10 +199,27 @@ class Trainer:
         self.model.load_state_dict(self.ema.state_dict())
         self.opt = self._optimizer()
 
-    def train(self, stop_after: int | None = None) -> None:
+    def start_from_teacher(self, path: str | Path) -> None:
+        """Skip the teacher phase: consistency tuning starts from an existing teacher checkpoint
+        (its EMA weights), with the RNG reseeded from seed + 1 — deterministic given both."""
+        from models.checkpoint import load_checkpoint
+
+        teacher, card = load_checkpoint(path)
+        if card.arch != PRESETS[self.cfg.arch]:
+            raise ValueError(f"teacher {path} has another architecture than preset {self.cfg.arch}")
+        self.model.load_state_dict(teacher.state_dict())
+        self.ema.load_state_dict(teacher.state_dict())
+        self.step = self.cfg.teacher_steps
+        self.opt = self._optimizer()
+        self.gen.manual_seed(self.cfg.seed + 1)
+
+    def train(self, stop_after: int | None = None, from_teacher: str | None = None) -> None:
         cfg = self.cfg
         if self.load_state():
             self.log(f"resumed from {self.state_path()} at step {self.step}")
+        elif from_teacher:
+            self.start_from_teacher(from_teacher)
+            self.log(f"consistency tuning from teacher {from_teacher}")
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
         try:
             from tqdm import tqdm
@@ -297,10 +314,14 @@ def export(model: TrigFlow, cfg: TrainConfig, path: Path, kind: str, steps: int)
 
 
 def run(
-    preset: str, run_dir: str, overrides: dict[str, Any] | None = None, stop_after: int | None = None
+    preset: str,
+    run_dir: str,
+    overrides: dict[str, Any] | None = None,
+    stop_after: int | None = None,
+    from_teacher: str | None = None,
 ) -> Trainer:
     cfg = replace(TRAIN_PRESETS[preset], **(overrides or {}))
     torch.set_num_threads(os.cpu_count() or 1)
     trainer = Trainer(cfg, run_dir)
-    trainer.train(stop_after=stop_after)
+    trainer.train(stop_after=stop_after, from_teacher=from_teacher)
     return trainer

@@ -116,7 +116,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from models.train import run
 
     overrides = json.loads(args.set) if args.set else {}
-    run(args.preset, args.run_dir, overrides, stop_after=args.stop_after)
+    run(
+        args.preset,
+        args.run_dir,
+        overrides,
+        stop_after=args.stop_after,
+        from_teacher=args.from_teacher or None,
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-dir", default="runs/mnist", help="where state, logs, samples and exports go")
     p.add_argument("--set", default="", help="JSON overrides of the preset, e.g. '{\"ect_steps\": 400}'")
     p.add_argument("--stop-after", type=int, default=None, help="stop (resumably) after this global step")
+    p.add_argument(
+        "--from-teacher", default="", help="skip the teacher phase: tune from this teacher checkpoint"
+    )
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("eval", help="FLD / class accuracy / speed of the samplers")
