@@ -37,11 +37,13 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check server kernels models tests
 	$(VENV)/bin/mypy server kernels models
 
+# the shipped model: the teacher phase, then consistency tuning from the exported teacher
 train: $(VENV)/.test
-	$(VENV)/bin/cmserve train --preset mnist --run-dir runs/mnist
+	$(VENV)/bin/cmserve train --preset mnist --run-dir runs/mnist --stop-after 2400
+	$(VENV)/bin/cmserve train --preset mnist --run-dir runs/mnist-ect --from-teacher runs/mnist/teacher.json
 
 eval: $(VENV)/.test
-	$(VENV)/bin/cmserve eval --json docs/eval.json --grid docs/samples_2step.png
+	$(VENV)/bin/cmserve eval --tune-schedules --json docs/eval.json --grid docs/samples_2step.png
 
 bench: $(VENV)/.test
 	$(VENV)/bin/cmserve bench sampler --json docs/bench_sampler.json
