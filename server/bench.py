@@ -247,6 +247,8 @@ def max_rate_under_slo(rows: list[dict[str, Any]], slo_ms: float) -> float:
 
 
 def bench_server(args: argparse.Namespace) -> dict[str, Any]:
+    # SIGTERM -> SystemExit, so every `finally: proc.stop()` takes its server down with us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="cmserve-bench-"))
     checkpoint, teacher = args.checkpoint, args.teacher
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -256,7 +258,7 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
 
         checkpoint = checkpoint or str(build_placeholder(tmp / "tiny"))
         teacher = ""
-        fractions, duration = [0.3, 1.2], 1.5
+        fractions, duration = [0.2, 0.6], 1.0
     py = sys.executable
     dev = ["--device", args.device]
     raw = bench_sampler(checkpoint, args.device, ["auto"], [1, 64], [2], repeats=3 if args.quick else 7)

@@ -16,13 +16,15 @@ pytestmark = pytest.mark.slow
 
 def _bench(*args: str, tmp: Path) -> dict:
     out = tmp / "out.json"
-    subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", *args, "--quick", "--json", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=240,
-        capture_output=True,
-    )
+    cmd = [sys.executable, "-m", "server.cli", "bench", *args, "--quick", "--json", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the bench stops the servers it started on SIGTERM
+        log, _ = proc.communicate(timeout=60)
+        raise AssertionError(f"bench --quick took over 240 s:\n{log.decode()[-3000:]}") from None
+    assert proc.returncode == 0, log.decode()[-3000:]
     return json.loads(out.read_text())
 
 
