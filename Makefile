@@ -53,7 +53,7 @@ loadtest: $(VENV)/.test
 	deploy/locust/run.sh
 
 fuzz: $(VENV)/.test
-	$(PY) -m pytest tests/server/test_fuzz.py --fuzz-cases=2000
+	$(PY) -m pytest tests/reliability/test_fuzz.py -s --fuzz-cases=2000
 
 soak: $(VENV)/.test
 	$(PY) -m pytest tests/reliability/test_load.py -k soak --run-soak
