@@ -8,6 +8,7 @@ On CUDA tensors each op runs its Triton kernel; anywhere else (and on CUDA when
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ def force_triton(flag: bool) -> None:
     _force_triton = flag
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

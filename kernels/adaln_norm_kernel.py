@@ -86,6 +86,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _launch(x, h, gate, shift, scale, y, x_out, eps: float, residual: bool) -> None:
+    """One launch of the kernel for either form; h/gate/x_out are unused when not residual."""
+    B, N, D = x.shape
+    block, warps = _launch_params(D)
+    _adaln_norm_kernel[(B * N,)](
+        x, h, gate, shift, scale, y, x_out, N, D,
+        x.stride(1), h.stride(1), y.stride(1), x_out.stride(1),
+        gate.stride(0), shift.stride(0), scale.stride(0), eps,
+        HAS_RESIDUAL=residual, BLOCK_D=block, num_warps=warps,
+    )  # fmt: skip
+
+
 def adaln_norm(
     x: torch.Tensor,
     shift: torch.Tensor,
@@ -96,31 +108,8 @@ def adaln_norm(
     """x: [B, N, D]; shift, scale: [B, D] -> y: [B, N, D] (out= reuses a buffer, e.g. in a CUDA graph)."""
     _check(x, shift, scale)
     x = _rows(x)
-    B, N, D = x.shape
     y = out if out is not None else torch.empty_like(x)
-    block, warps = _launch_params(D)
-    _adaln_norm_kernel[(B * N,)](
-        x,
-        x,
-        shift,
-        shift,
-        scale,
-        y,
-        y,
-        N,
-        D,
-        x.stride(1),
-        x.stride(1),
-        y.stride(1),
-        y.stride(1),
-        shift.stride(0),
-        shift.stride(0),
-        scale.stride(0),
-        eps,
-        HAS_RESIDUAL=False,
-        BLOCK_D=block,
-        num_warps=warps,
-    )
+    _launch(x, x, shift, shift, scale, y, y, eps, residual=False)
     return y
 
 
@@ -137,29 +126,6 @@ def residual_adaln_norm(
     if h.shape != x.shape:
         raise ValueError(f"h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
     x, h = _rows(x), _rows(h)
-    B, N, D = x.shape
     x_new, y = torch.empty_like(x), torch.empty_like(x)
-    block, warps = _launch_params(D)
-    _adaln_norm_kernel[(B * N,)](
-        x,
-        h,
-        gate,
-        shift,
-        scale,
-        y,
-        x_new,
-        N,
-        D,
-        x.stride(1),
-        h.stride(1),
-        y.stride(1),
-        x_new.stride(1),
-        gate.stride(0),
-        shift.stride(0),
-        scale.stride(0),
-        eps,
-        HAS_RESIDUAL=True,
-        BLOCK_D=block,
-        num_warps=warps,
-    )
+    _launch(x, h, gate, shift, scale, y, x_new, eps, residual=True)
     return x_new, y

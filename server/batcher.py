@@ -103,7 +103,6 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._batch_s = 0.05  # EWMA of batch wall time, for Retry-After
         self.batches_run = 0
-        self.last_progress = time.monotonic()  # for watchdogs: moves whenever a batch ends
         metrics.queue_limit.set(max_queue_images)
 
     # ---- producer side ------------------------------------------------------------------------
@@ -121,14 +120,6 @@ class Batcher:
         """Seconds until the queue has likely drained: batches ahead of us x recent batch time."""
         batches = math.ceil((self._queued_images + 1) / self.max_batch_size) + 1
         return max(1, math.ceil(batches * self._batch_s))
-
-    @property
-    def queued_images(self) -> int:
-        return self._queued_images
-
-    @property
-    def busy(self) -> bool:
-        return bool(self._pending) or bool(self._running)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -269,7 +260,6 @@ class Batcher:
             self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
             self._running = []
             self.batches_run += 1
-            self.last_progress = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -6,7 +6,6 @@ Error bodies follow the OpenAI shape, {"error": {"type", "message", "param", "co
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -146,7 +145,3 @@ def first_validation_error(errors: list[Any]) -> tuple[str, str | None]:
     if e.get("type") == "extra_forbidden":
         msg = "unknown field"
     return (f"{param}: {msg}" if param else msg), param
-
-
-def parse_json(body: bytes) -> Any:
-    return json.loads(body)
