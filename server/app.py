@@ -58,6 +58,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
             await st.batcher.stop()
         task.cancel()
         st.encode_pool.shutdown(wait=False)
+        if st.engine is not None:
+            st.engine.executor.shutdown(wait=False)  # lets a batch still running finish
 
     app = FastAPI(
         title="cmserve",
@@ -233,6 +235,7 @@ async def _start(st: ServerState) -> None:
             max_batch_size=s.max_batch_size,
             max_queue_images=s.max_queue_images,
             max_wait_s=s.max_wait_ms / 1000.0,
+            executor=engine.executor,
         )
         st.batcher.start()
         st.ready = True

@@ -7,7 +7,8 @@
 - A batch holds one step count: the oldest request picks it, later ones of other counts wait.
 - Queued requests whose deadline passed get `DeadlineExceeded`, those whose client left are
   dropped, both before any compute is spent on them.
-- The sampler runs on a worker thread, so the event loop keeps answering while a batch runs.
+- The sampler runs on the engine's compute thread (or a private one), so the event loop keeps
+  answering while a batch runs.
 - A batch that raises fails only its own requests (`BatchFailed`); the loop carries on.
 """
 
@@ -19,7 +20,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,7 @@ class Batcher:
         max_batch_size: int,
         max_queue_images: int,
         max_wait_s: float = 0.0,
+        executor: Executor | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.metrics = metrics
@@ -99,7 +101,9 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="cmserve-compute")
+        # one thread: batches run one at a time; a given executor (the engine's) is not ours to stop
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="cmserve-batcher")
         self._task: asyncio.Task[None] | None = None
         self._batch_s = 0.05  # EWMA of batch wall time, for Retry-After
         self.batches_run = 0
@@ -147,7 +151,8 @@ class Batcher:
                 job.future.set_exception(Draining())
         self._queued_images = 0
         self._update_gauges()
-        self._executor.shutdown(wait=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
 
     # ---- consumer side ------------------------------------------------------------------------
     def _update_gauges(self) -> None:

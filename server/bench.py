@@ -88,10 +88,27 @@ def machine() -> dict[str, Any]:
 
 
 # ---- sampler ---------------------------------------------------------------------------------
+def _time_batch(e: Any, steps: int, b: int, repeats: int) -> float:
+    """Median seconds of Engine.run_batch (noise, copy in, sample, copy out, uint8). Called on the
+    engine's compute thread, as in the server."""
+    import torch
+
+    labels: list[int | None] = [i % 10 for i in range(b)]
+    seeds = list(range(b))
+    e.run_batch(steps, labels, seeds)  # warm
+    times = []
+    for _ in range(repeats):
+        if e.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        e.run_batch(steps, labels, seeds)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def bench_sampler(
     checkpoint: str, device: str, backends: list[str], buckets: list[int], steps_list: list[int], repeats: int
 ) -> list[dict[str, Any]]:
-    import torch
 
     from server.engine import Engine
     from server.metrics import Metrics
@@ -102,20 +119,10 @@ def bench_sampler(
         e = Engine(
             Settings(checkpoint=checkpoint, device=device, backend=backend, buckets=buckets), Metrics()
         )
-        e.runner.warmup(steps_list)
+        e.call(e.runner.warmup, steps_list)
         for steps in steps_list:
             for b in buckets:
-                labels: list[int | None] = [i % 10 for i in range(b)]
-                seeds = list(range(b))
-                e.run_batch(steps, labels, seeds)  # warm
-                times = []
-                for _ in range(repeats):
-                    if e.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    e.run_batch(steps, labels, seeds)  # noise, copy in, sample, copy out, uint8
-                    times.append(time.perf_counter() - t)
-                ms = statistics.median(times) * 1e3
+                ms = e.call(_time_batch, e, steps, b, repeats) * 1e3
                 rows.append(
                     {
                         "backend": backend,
@@ -127,6 +134,7 @@ def bench_sampler(
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+        e.close()
     return rows
 
 

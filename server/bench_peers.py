@@ -7,7 +7,9 @@ for `cmserve bench server` (not part of the product):
 - litserve: LitServe's own dynamic batching (LitAPI max_batch_size / batch_timeout).
 - plain: a FastAPI endpoint that calls the model once per request (a sync route: FastAPI runs it
   in its thread pool).
-Both share cmserve's Engine, so the model, noise and PNG encoding are identical.
+Both share cmserve's Engine, so the model, noise and PNG encoding are identical, and both run the
+model on the Engine's one compute thread (torch ops from several threads would slow them down:
+see server/engine.py).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class CMApi(ls.LitAPI):
         return inputs
 
     def predict(self, x: list[tuple[int | None, int, int]]) -> list[Any]:
-        images = self.engine.run_batch(x[0][2], [i[0] for i in x], [i[1] for i in x])
+        e = self.engine
+        images = e.call(e.run_batch, x[0][2], [i[0] for i in x], [i[1] for i in x])
         return [(images[i : i + 1], x[i][1], x[i][0]) for i in range(len(x))]
 
     def unbatch(self, output: list[Any]) -> list[Any]:
@@ -87,7 +90,7 @@ def run_plain(args: argparse.Namespace) -> None:
     @app.post("/v1/generate")
     def generate(body: dict[str, Any]) -> dict[str, Any]:
         label, seed, steps = body.get("class_label"), int(body.get("seed", 0)), int(body.get("steps", 2))
-        return _response(engine.run_batch(steps, [label], [seed]), seed, label)
+        return _response(engine.call(engine.run_batch, steps, [label], [seed]), seed, label)
 
     @app.get("/readyz")
     def ready() -> dict[str, str]:

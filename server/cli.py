@@ -47,8 +47,6 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import torch
-
     from models.checkpoint import CheckpointError
     from server.app import create_app
     from server.engine import Engine
@@ -56,8 +54,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     s = _settings(args)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
     metrics = Metrics()
     try:
         engine = Engine(s, metrics)  # fail fast on a bad checkpoint, before binding the port

@@ -45,7 +45,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
     return request.app.state.cm
 
 
@@ -69,10 +69,10 @@ def _check_key(request: Request, st: ServerState) -> None:
         )
 
 
-def require_key(request: Request, st: State) -> None:
+async def require_key(request: Request, st: State) -> None:
     _check_key(request, st)
 
 
-def require_key_ops(request: Request, st: State) -> None:
+async def require_key_ops(request: Request, st: State) -> None:
     if st.settings.protect_ops_endpoints:
         _check_key(request, st)

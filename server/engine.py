@@ -1,7 +1,13 @@
 """The engine owns the model and the runner, and turns (steps, labels, seeds) into images.
 
-`run_batch` runs on the batcher's worker thread. Noise comes from one CPU generator per image
-seeded with that image's seed, so an image never depends on its batch-mates or the device's RNG.
+Every torch call of a server process runs on the engine's one compute thread (`Engine.call`,
+`Engine.executor`): loading, warm-up and every batch. Why: on the CPU each thread that starts a
+torch op gets its own OpenMP team, and once two teams exist they fight over the cores — on this
+2-core machine a batch of 1 went from 22 ms to 74-130 ms and a batch of 8 from 69 ms to 265 ms
+when load/warm-up ran on one thread and batches on another (README, "Where the time went").
+
+Noise comes from one CPU generator per image seeded with that image's seed, so an image never
+depends on its batch-mates or the device's RNG.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +31,7 @@ from server.runner import SamplerRunner
 from server.settings import Settings
 
 log = logging.getLogger("cmserve.engine")
+T = TypeVar("T")
 
 
 class NonFiniteOutput(RuntimeError):
@@ -42,6 +51,27 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cmserve-compute")
+        try:
+            self.call(self._load)
+        except BaseException:
+            self.executor.shutdown(wait=False)
+            raise
+        # Test hook: called with (steps, labels, seeds) before each batch; may raise or sleep.
+        self.fault: Callable[[int, list[int | None], list[int]], None] | None = None
+        self.poison_output = False  # test hook: make the next batch's output non-finite
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) on the compute thread and wait for it (from any thread but that one)."""
+        return self.executor.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    def _load(self) -> None:
+        settings = self.settings
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)  # here: the thread that runs the ops
         self.device = pick_device(settings.device)
         path = settings.checkpoint_path()
         self.placeholder = False
@@ -69,19 +99,17 @@ class Engine:
             self.device,
             use_graphs=use_graphs,
             dtype=dtype,
-            metrics=metrics,
+            metrics=self.metrics,
         )
-        # Test hook: called with (steps, labels, seeds) before each batch; may raise or sleep.
-        self.fault: Callable[[int, list[int | None], list[int]], None] | None = None
-        self.poison_output = False  # test hook: make the next batch's output non-finite
 
     @property
     def supported_steps(self) -> list[int]:
         return self.card.steps
 
     def warmup(self) -> float:
+        """Build, run (and on CUDA capture) every slot on the compute thread; -> seconds."""
         t0 = time.perf_counter()
-        self.runner.warmup(self.supported_steps)
+        self.call(self.runner.warmup, self.supported_steps)
         return time.perf_counter() - t0
 
     def make_noise(self, steps: int, seeds: list[int]) -> torch.Tensor:

@@ -88,6 +88,12 @@ def _encode(images: Any) -> list[bytes]:
     return [png_bytes(img) for img in images]
 
 
+# A 28x28 PNG takes ~0.14 ms to encode (measured, this CPU): cheaper inline than the thread hop,
+# which on a busy 2-core machine waited ~4-30 ms for the GIL. Bigger payloads go to the pool so
+# the event loop never stalls for long.
+INLINE_ENCODE_BYTES = 4096
+
+
 async def generate(request: Request, st: ServerState) -> Any:
     t_arrive = time.monotonic()
     if st.draining:
@@ -149,7 +155,10 @@ async def generate(request: Request, st: ServerState) -> Any:
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
         t0 = time.perf_counter()
-        pngs = await asyncio.get_running_loop().run_in_executor(st.encode_pool, _encode, result.images)
+        if result.images.nbytes <= INLINE_ENCODE_BYTES:
+            pngs = _encode(result.images)
+        else:
+            pngs = await asyncio.get_running_loop().run_in_executor(st.encode_pool, _encode, result.images)
         encode_s = time.perf_counter() - t0
         m.encode.observe(encode_s)
         m.images.inc(req.n)

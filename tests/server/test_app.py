@@ -193,3 +193,33 @@ async def test_a_failing_batch_gets_500_and_the_next_one_works(tiny_ckpt: Path, 
         metrics = (await c.get("/metrics")).text
         reason = "exception" if fault == "raise" else "nonfinite"
         assert f'cmserve_batch_failures_total{{reason="{reason}"}} 1.0' in metrics
+
+
+async def test_load_warmup_and_batches_share_one_compute_thread(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every torch call on one thread: a second thread running torch CPU ops gets its own OpenMP
+    team, which slowed batches 1.5-4x on 2 cores (server/engine.py)."""
+    from server.engine import Engine
+    from server.runner import SamplerRunner
+
+    seen: dict[str, set[int]] = {"load": set(), "warmup": set(), "batch": set()}
+    orig_load, orig_warm = Engine._load, SamplerRunner.warmup
+
+    def load(self: Engine) -> None:
+        seen["load"].add(threading.get_ident())
+        orig_load(self)
+
+    def warm(self: SamplerRunner, steps: list[int]) -> None:
+        seen["warmup"].add(threading.get_ident())
+        orig_warm(self, steps)
+
+    monkeypatch.setattr(Engine, "_load", load)
+    monkeypatch.setattr(SamplerRunner, "warmup", warm)
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+        app.state.cm.engine.fault = lambda *_: seen["batch"].add(threading.get_ident())
+        rs = await asyncio.gather(*(c.post("/v1/generate", json={"seed": i}) for i in range(6)))
+        assert all(r.status_code == 200 for r in rs)
+    threads = seen["load"] | seen["warmup"] | seen["batch"]
+    assert len(threads) == 1 and all(seen.values()), seen
+    assert threading.get_ident() not in threads  # never the event loop's thread
