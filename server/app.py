@@ -59,7 +59,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         task.cancel()
         st.encode_pool.shutdown(wait=False)
         if st.engine is not None:
-            st.engine.executor.shutdown(wait=False)  # lets a batch still running finish
+            st.engine.close(wait=False)  # a batch still running finishes
 
     app = FastAPI(
         title="cmserve",

@@ -464,7 +464,8 @@ def main(args: argparse.Namespace) -> None:
         import torch
 
         cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        backends = args.backends.split(",") if args.backends else (["eager", "graph"] if cuda else ["eager"])
+        default = ["eager", "graph"] if cuda else ["eager"]
+        backends = args.backends.split(",") if args.backends else default
         buckets = [1, 8, 64] if args.quick else [int(b) for b in args.buckets.split(",")]
         steps = [2] if args.quick else [int(s) for s in args.steps.split(",")]
         ckpt = args.checkpoint

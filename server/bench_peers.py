@@ -7,9 +7,9 @@ for `cmserve bench server` (not part of the product):
 - litserve: LitServe's own dynamic batching (LitAPI max_batch_size / batch_timeout).
 - plain: a FastAPI endpoint that calls the model once per request (a sync route: FastAPI runs it
   in its thread pool).
-Both share cmserve's Engine, so the model, noise and PNG encoding are identical, and both run the
-model on the Engine's one compute thread (torch ops from several threads would slow them down:
-see server/engine.py).
+Both share cmserve's Engine, so the model, noise and PNG encoding are identical, and each runs
+every torch call on one thread (torch ops from several threads slow each other down, see
+server/engine.py): LitServe on its inference worker's thread, plain on the Engine's thread.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import litserve as ls
 from models.grid import png_bytes
 
 
-def _engine(checkpoint: str) -> Any:
+def _engine(checkpoint: str, inline: bool = False) -> Any:
     from server.engine import Engine
     from server.metrics import Metrics
     from server.settings import Settings
 
-    e = Engine(Settings(checkpoint=checkpoint, buckets=[1, 2, 4, 8, 16, 32, 64]), Metrics())
+    e = Engine(Settings(checkpoint=checkpoint, buckets=[1, 2, 4, 8, 16, 32, 64]), Metrics(), inline=inline)
     e.warmup()
     return e
 
@@ -49,7 +49,7 @@ class CMApi(ls.LitAPI):
         self.checkpoint = checkpoint
 
     def setup(self, device: str) -> None:
-        self.engine = _engine(self.checkpoint)
+        self.engine = _engine(self.checkpoint, inline=True)
 
     def decode_request(self, request):  # LitServe reads a typed annotation as a request schema
         return request.get("class_label"), int(request.get("seed", 0)), int(request.get("steps", 2))
@@ -58,8 +58,7 @@ class CMApi(ls.LitAPI):
         return inputs
 
     def predict(self, x: list[tuple[int | None, int, int]]) -> list[Any]:
-        e = self.engine
-        images = e.call(e.run_batch, x[0][2], [i[0] for i in x], [i[1] for i in x])
+        images = self.engine.run_batch(x[0][2], [i[0] for i in x], [i[1] for i in x])
         return [(images[i : i + 1], x[i][1], x[i][0]) for i in range(len(x))]
 
     def unbatch(self, output: list[Any]) -> list[Any]:

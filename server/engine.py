@@ -48,14 +48,16 @@ def pick_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, *, inline: bool = False) -> None:
+        """inline: no compute thread of its own; `call` runs on the caller's thread (for a host
+        that already runs every model call on one thread of its own, like LitServe's worker)."""
         self.settings = settings
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="cmserve-compute")
+        self.executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="cmserve-compute")
         try:
             self.call(self._load)
         except BaseException:
-            self.executor.shutdown(wait=False)
+            self.close()
             raise
         # Test hook: called with (steps, labels, seeds) before each batch; may raise or sleep.
         self.fault: Callable[[int, list[int | None], list[int]], None] | None = None
@@ -63,10 +65,13 @@ class Engine:
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the compute thread and wait for it (from any thread but that one)."""
+        if self.executor is None:
+            return fn(*args)
         return self.executor.submit(fn, *args).result()
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=wait)
 
     def _load(self) -> None:
         settings = self.settings

@@ -22,7 +22,7 @@ async def app_client(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             if wait_ready:
-                for _ in range(500):
+                for _ in range(6000):  # up to 60 s (warm-up on a busy CI machine)
                     if app.state.cm.ready or app.state.cm.load_error:
                         break
                     await asyncio.sleep(0.01)

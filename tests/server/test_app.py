@@ -160,7 +160,7 @@ async def test_readiness_waits_for_warmup(tiny_ckpt: Path, monkeypatch: pytest.M
         r = await c.post("/v1/generate", json={})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         release.set()
-        for _ in range(300):
+        for _ in range(3000):
             if (await c.get("/readyz")).status_code == 200:
                 break
             await asyncio.sleep(0.02)
