@@ -229,10 +229,12 @@ async def _start(st: ServerState) -> None:
         seconds = await asyncio.to_thread(engine.warmup)
         log.info("warm-up of %d (bucket, steps) slots took %.1f s", len(engine.runner.slots), seconds)
         s = st.settings
+        max_batch = s.max_batch_size or await asyncio.to_thread(engine.call, engine.auto_max_batch)
+        st.metrics.max_batch.set(max_batch)
         st.batcher = Batcher(
             engine.run_batch,
             st.metrics,
-            max_batch_size=s.max_batch_size,
+            max_batch_size=max_batch,
             max_queue_images=s.max_queue_images,
             max_wait_s=s.max_wait_ms / 1000.0,
             executor=engine.executor,

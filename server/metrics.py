@@ -82,6 +82,9 @@ class Metrics:
         self.queue_requests = Gauge(
             "cmserve_queue_depth_requests", "Requests waiting in the queue.", registry=r
         )
+        self.max_batch = Gauge(
+            "cmserve_max_batch_size_images", "Most images per batch (set, or chosen at warm-up).", registry=r
+        )
         self.queue_limit = Gauge(
             "cmserve_queue_limit_images", "Queue bound in images (429 beyond).", registry=r
         )

@@ -113,6 +113,20 @@ class SamplerRunner:
 
             self.metrics.capture_memory.set(cuda_graphs.reserved_bytes(self.device))
 
+    def time_buckets(self, steps: int, repeats: int = 2) -> dict[int, float]:
+        """Best-of-`repeats` seconds per batch for each bucket at `steps` (after warm-up)."""
+        out = {}
+        for bucket in self.buckets:
+            slot = self.slots[(bucket, steps)]
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self._execute(slot)
+                slot.out[:1].cpu()  # waits for the device
+                best = min(best, time.perf_counter() - t0)
+            out[bucket] = best
+        return out
+
     def bucket_for(self, n: int) -> int:
         """Smallest bucket holding n rows (n <= largest bucket)."""
         return self.buckets[bisect.bisect_left(self.buckets, n)]

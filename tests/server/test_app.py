@@ -223,3 +223,15 @@ async def test_load_warmup_and_batches_share_one_compute_thread(
     threads = seen["load"] | seen["warmup"] | seen["batch"]
     assert len(threads) == 1 and all(seen.values()), seen
     assert threading.get_ident() not in threads  # never the event loop's thread
+
+
+async def test_max_batch_size_zero_is_chosen_at_warmup(tiny_ckpt: Path) -> None:
+    async with app_client(Settings(checkpoint=str(tiny_ckpt), buckets=[1, 2, 4], max_batch_size=0)) as (
+        c,
+        app,
+    ):
+        chosen = app.state.cm.batcher.max_batch_size
+        assert chosen in (1, 2, 4)
+        assert f"cmserve_max_batch_size_images {float(chosen)}" in (await c.get("/metrics")).text
+    async with app_client(_settings(tiny_ckpt)) as (c, app):  # a set value is kept
+        assert app.state.cm.batcher.max_batch_size == 8

@@ -79,3 +79,21 @@ def test_a_request_gives_the_same_images_alone_and_in_any_batch(tiny_ckpt: Path)
         torch.testing.assert_close(batched(k), alone, rtol=1e-4, atol=1e-5)
     # and a different seed really gives different images
     assert not torch.allclose(engine.sample(2, mine_labels, [7, 8]), alone)
+
+
+def test_auto_max_batch_picks_the_smallest_bucket_near_the_best_rate(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(Settings(checkpoint=str(tiny_ckpt), buckets=[1, 2, 4, 8, 16]), Metrics())
+    engine.warmup()
+    timed = engine.call(engine.runner.time_buckets, 2)
+    assert set(timed) == {1, 2, 4, 8, 16} and all(s > 0 for s in timed.values())
+    # images/s 10, 20, 40, 78, 80: 8 is within 5% of the best (16), 4 is not
+    fake = {1: 0.1, 2: 0.1, 4: 0.1, 8: 8 / 78, 16: 16 / 80}
+    monkeypatch.setattr(engine.runner, "time_buckets", lambda steps: fake)
+    assert engine.auto_max_batch() == 8
+    assert engine.auto_max_batch(tolerance=0.0) == 16
+    # where batching buys nothing, no batching
+    monkeypatch.setattr(engine.runner, "time_buckets", lambda steps: {b: 0.01 * b for b in fake})
+    assert engine.auto_max_batch() == 1
+    engine.close()
