@@ -113,19 +113,19 @@ class SamplerRunner:
 
             self.metrics.capture_memory.set(cuda_graphs.reserved_bytes(self.device))
 
-    def time_buckets(self, steps: int, repeats: int = 2) -> dict[int, float]:
-        """Best-of-`repeats` seconds per batch for each bucket at `steps` (after warm-up)."""
-        out = {}
-        for bucket in self.buckets:
-            slot = self.slots[(bucket, steps)]
-            best = float("inf")
-            for _ in range(repeats):
+    def time_buckets(self, steps: int, rounds: int = 3) -> dict[int, float]:
+        """Seconds per batch for each bucket at `steps` (after warm-up): the best of `rounds`
+        rounds, each round timing every bucket once, so a burst of noise from other processes
+        hits all buckets alike instead of making one look slow."""
+        best = {b: float("inf") for b in self.buckets}
+        for _ in range(rounds):
+            for bucket in self.buckets:
+                slot = self.slots[(bucket, steps)]
                 t0 = time.perf_counter()
                 self._execute(slot)
                 slot.out[:1].cpu()  # waits for the device
-                best = min(best, time.perf_counter() - t0)
-            out[bucket] = best
-        return out
+                best[bucket] = min(best[bucket], time.perf_counter() - t0)
+        return best
 
     def bucket_for(self, n: int) -> int:
         """Smallest bucket holding n rows (n <= largest bucket)."""
