@@ -5,6 +5,7 @@ server   real server processes under open-loop Poisson load, swept past saturati
          batching on and off, LitServe and a plain FastAPI endpoint on the same checkpoint, and the
          32-step teacher; throughput, client p50/p95/p99, the server's own histogram quantiles,
          errors and rejections per rate; a latency-vs-throughput plot.
+threads  a CPU batch on the engine's one thread vs sharing the process (server/bench_threads.py).
 kernels  the Triton kernels against torch (GPU only; see kernels/bench.py).
 Results print as JSON lines; --json writes the whole result.
 """
@@ -68,6 +69,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     v.add_argument("--json", default="")
     v.add_argument("--plot", default="")
+    t = sub.add_parser("threads", help="CPU batch time on one thread vs sharing the process")
+    t.add_argument("--checkpoint", default="")
+    t.add_argument("--batches", default="1,8,64")
+    t.add_argument("--repeats", type=int, default=9)
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--json", default="")
     k = sub.add_parser("kernels", help="Triton kernels vs torch (CUDA only)")
     k.add_argument("--quick", action="store_true")
     k.add_argument("--json", default="")
@@ -486,6 +493,12 @@ def main(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             sys.exit("bench kernels needs a CUDA GPU")
         result: dict[str, Any] = {"machine": machine(), "rows": run("cuda", args.quick)}
+    elif args.what == "threads":
+        from server.bench_threads import run as run_threads
+
+        batches = [int(b) for b in args.batches.split(",")]
+        rows = run_threads(args.checkpoint, batches, args.repeats, args.rounds)
+        result = {"machine": machine(), "rows": rows}
     elif args.what == "sampler":
         import torch
 

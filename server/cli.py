@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_args(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: sampler (raw), server (open-loop), kernels")
+    p = sub.add_parser("bench", help="benchmarks: sampler (raw), server (open-loop), threads, kernels")
     try:
         from server.bench import add_args as bench_args
 

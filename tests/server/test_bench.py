@@ -55,3 +55,13 @@ def test_server_bench_quick(tmp_path: Path) -> None:
         assert all(row["errors"] == 0 for row in cfg["sweep"]), (name, cfg["sweep"])
     assert r["configs"]["cmserve"]["sweep"][0]["server_p50_ms"] is not None
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_threads_bench_runs_every_case(tmp_path: Path) -> None:
+    from models.placeholder import build_placeholder
+    from server.bench_threads import CASES, run
+
+    ckpt = build_placeholder(tmp_path / "tiny")
+    rows = run(str(ckpt), [1, 2], repeats=1, rounds=1)
+    assert [r["case"] for r in rows] == list(CASES)
+    assert all(set(r["ms_per_batch"]) == {1, 2} and min(r["ms_per_batch"].values()) > 0 for r in rows)
