@@ -229,7 +229,7 @@ async def _start(st: ServerState) -> None:
         seconds = await asyncio.to_thread(engine.warmup)
         log.info("warm-up of %d (bucket, steps) slots took %.1f s", len(engine.runner.slots), seconds)
         s = st.settings
-        max_batch = s.max_batch_size or await asyncio.to_thread(engine.call, engine.auto_max_batch)
+        max_batch = s.max_batch_size or await asyncio.to_thread(engine.auto_max_batch)
         st.metrics.max_batch.set(max_batch)
         st.batcher = Batcher(
             engine.run_batch,

@@ -40,19 +40,19 @@ def run_case(case: str, checkpoint: str, batches: list[int], repeats: int) -> di
     e.warmup()
     if case == "second_thread":
         e.run_batch(2, [0], [0])  # this (main) thread now has an OpenMP team of its own
-    stop_t, stop_p = threading.Event(), mp.get_context("spawn").Event()
+    ctx = mp.get_context("spawn")
+    stop: Any = ctx.Event() if case == "other_proc_load" else threading.Event()
     loader: Any = None
     if case == "gil_load":
-        loader = threading.Thread(target=_python_load, args=(stop_t,), daemon=True)
+        loader = threading.Thread(target=_python_load, args=(stop,), daemon=True)
     elif case == "other_proc_load":
-        loader = mp.get_context("spawn").Process(target=_python_load, args=(stop_p,), daemon=True)
+        loader = ctx.Process(target=_python_load, args=(stop,), daemon=True)
     if loader is not None:
         loader.start()
     try:
         ms = {b: round(e.call(_time_batch, e, 2, b, repeats) * 1e3, 2) for b in batches}
     finally:
-        stop_t.set()
-        stop_p.set()
+        stop.set()
         if loader is not None:
             loader.join()
         e.close()

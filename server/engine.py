@@ -3,8 +3,8 @@
 Every torch call of a server process runs on the engine's one compute thread (`Engine.call`,
 `Engine.executor`): loading, warm-up and every batch. Why: on the CPU each thread that starts a
 torch op gets its own OpenMP team, and once two teams exist they fight over the cores — on this
-2-core machine a batch of 1 went from 22 ms to 74-130 ms and a batch of 8 from 69 ms to 265 ms
-when load/warm-up ran on one thread and batches on another (README, "Where the time went").
+2-core machine batches of 1 / 8 took 25 / 67 ms on one thread and 73 / 201 ms once another
+thread had run one (`cmserve bench threads`; README, "Where the time went").
 
 Noise comes from one CPU generator per image seeded with that image's seed, so an image never
 depends on its batch-mates or the device's RNG.
@@ -122,9 +122,9 @@ class Engine:
         here at the default step count. Why: a bigger batch makes everyone in it wait longer, so it
         is only worth it while it still buys throughput. On a GPU that is the largest bucket or near
         it; on this 2-core CPU batch 16-32 is within 5% of batch 64's images/s at a quarter to half
-        of its latency (timings logged at start-up). Runs on the compute thread."""
+        of its latency (timings logged at start-up). Times on the compute thread."""
         steps = 2 if 2 in self.card.schedules else self.card.steps[0]
-        secs = self.runner.time_buckets(steps)
+        secs = self.call(self.runner.time_buckets, steps)
         rate = {b: b / s for b, s in secs.items()}
         best = max(rate.values())
         chosen = min(b for b, r in rate.items() if r >= (1 - tolerance) * best)

@@ -122,7 +122,7 @@ class SamplerRunner:
             for bucket in self.buckets:
                 slot = self.slots[(bucket, steps)]
                 t0 = time.perf_counter()
-                self._execute(slot)
+                self._replay(slot)
                 slot.out[:1].cpu()  # waits for the device
                 best[bucket] = min(best[bucket], time.perf_counter() - t0)
         return best
@@ -131,13 +131,17 @@ class SamplerRunner:
         """Smallest bucket holding n rows (n <= largest bucket)."""
         return self.buckets[bisect.bisect_left(self.buckets, n)]
 
-    def _execute(self, slot: Slot) -> None:
+    @staticmethod
+    def _replay(slot: Slot) -> None:
         if slot.graph is not None:
             slot.graph.replay()
-            self.metrics.runner_runs.labels("graph").inc()
         else:
             slot.fn()
-            self.metrics.runner_runs.labels("eager").inc()
+
+    def _execute(self, slot: Slot) -> None:
+        """A served batch: replay, counted in the runner metrics (timing runs are not)."""
+        self._replay(slot)
+        self.metrics.runner_runs.labels("eager" if slot.graph is None else "graph").inc()
 
     def run(self, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """noise: [S, B, C, H, W] fp32 (CPU); labels: [B] int64 -> x0: [B, C, H, W] fp32 on the CPU.
