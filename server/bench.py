@@ -13,7 +13,6 @@ Results print as JSON lines; --json writes the whole result.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -31,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from server.loadgen import closed_loop, make_body, open_loop
+from server.loadgen import closed_loop, make_body, open_loop, run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "models" / "weights" / "teacher-mnist.json"
@@ -61,6 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="arrival rates as fractions of the raw sampler's images/s",
     )
     v.add_argument("--duration", type=float, default=5.0, help="seconds per arrival rate")
+    v.add_argument(
+        "--min-requests", type=int, default=200, help="run a rate longer if it would send fewer requests"
+    )
     v.add_argument("--peers", default="litserve,plain")
     v.add_argument("--litserve-max-batch", type=int, default=32)
     v.add_argument("--litserve-timeout", type=float, default=0.005)
@@ -115,6 +117,29 @@ def _time_batch(e: Any, steps: int, b: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _best_of_rounds(
+    e: Any, keys: list[tuple[int, int]], repeats: int, rounds: int
+) -> dict[tuple[int, int], float]:
+    """(steps, bucket) -> seconds: the median of `repeats` timed batches, best over `rounds` rounds
+    that each visit every key once (a burst of noise from other processes on a shared machine then
+    spoils one round, not the figure)."""
+    best = {k: float("inf") for k in keys}
+    for _ in range(rounds):
+        for key in keys:
+            best[key] = min(best[key], e.call(_time_batch, e, key[0], key[1], repeats))
+    return best
+
+
+def _raw_engine(checkpoint: str, device: str, backend: str, buckets: list[int], steps: list[int]) -> Any:
+    from server.engine import Engine
+    from server.metrics import Metrics
+    from server.settings import Settings
+
+    e = Engine(Settings(checkpoint=checkpoint, device=device, backend=backend, buckets=buckets), Metrics())
+    e.call(e.runner.warmup, steps)
+    return e
+
+
 def bench_sampler(
     checkpoint: str,
     device: str,
@@ -124,23 +149,11 @@ def bench_sampler(
     repeats: int,
     rounds: int = 1,
 ) -> list[dict[str, Any]]:
-    """Per (backend, steps, bucket): the median of `repeats` timed batches, best over `rounds`
-    rounds that each visit every (steps, bucket) once (a burst of noise from other processes on a
-    shared machine then spoils one round, not the figure)."""
-    from server.engine import Engine
-    from server.metrics import Metrics
-    from server.settings import Settings
-
+    """Per (backend, steps, bucket): ms per batch and images/s (`_best_of_rounds`)."""
     rows = []
     for backend in backends:
-        e = Engine(
-            Settings(checkpoint=checkpoint, device=device, backend=backend, buckets=buckets), Metrics()
-        )
-        e.call(e.runner.warmup, steps_list)
-        best = {(s, b): float("inf") for s in steps_list for b in buckets}
-        for _ in range(rounds):
-            for key in best:
-                best[key] = min(best[key], e.call(_time_batch, e, key[0], key[1], repeats))
+        e = _raw_engine(checkpoint, device, backend, buckets, steps_list)
+        best = _best_of_rounds(e, [(s, b) for s in steps_list for b in buckets], repeats, rounds)
         for (steps, b), sec in best.items():
             ms = sec * 1e3
             rows.append(
@@ -156,6 +169,30 @@ def bench_sampler(
             print(json.dumps(rows[-1]), flush=True)
         e.close()
     return rows
+
+
+class RawClock:
+    """The raw sampler (2 steps), kept loaded for a whole `bench server` run and timed again right
+    before and after each cmserve figure it is compared with. Why: this VM's speed drifts by tens
+    of % within minutes (raw batch 64 at 182 and 145 images/s 20 minutes apart, this session), so a
+    ratio against a figure timed at the start of a 20-minute run measures the drift as well."""
+
+    def __init__(self, checkpoint: str, device: str, repeats: int, rounds: int) -> None:
+        self.e = _raw_engine(checkpoint, device, "auto", [1, 64], [2])
+        self.repeats, self.rounds = repeats, rounds
+        self.t0 = time.monotonic()
+        self.checks: list[dict[str, Any]] = []
+
+    def ms(self, batch: int, label: str) -> float:
+        sec = _best_of_rounds(self.e, [(2, batch)], self.repeats, self.rounds)[(2, batch)]
+        row = {"at_s": round(time.monotonic() - self.t0, 1), "when": label, "batch": batch}
+        row.update({"ms_per_batch": round(sec * 1e3, 3), "images_per_s": round(batch / sec, 1)})
+        self.checks.append(row)
+        print(json.dumps(row), flush=True)
+        return sec * 1e3
+
+    def close(self) -> None:
+        self.e.close()
 
 
 # ---- server ----------------------------------------------------------------------------------
@@ -243,14 +280,25 @@ def histogram_quantile(q: float, before: dict[float, float], after: dict[float, 
 
 
 def sweep(
-    proc: Proc, rates: list[float], duration: float, server_hist: bool, steps: int = 2
+    proc: Proc,
+    rates: list[float],
+    duration: float,
+    server_hist: bool,
+    steps: int = 2,
+    min_requests: int = 0,
 ) -> list[dict[str, Any]]:
+    """Each rate runs for `duration` s, longer where that would send fewer than `min_requests`
+    (at 9 req/s, 5 s is 45 requests: their p99 would be their maximum)."""
     rows = []
     for rate in rates:
         before = _buckets(proc.metrics()) if server_hist else {}
-        res = asyncio.run(
+        res = run(
             open_loop(
-                "127.0.0.1", proc.port, rate, duration, body_fn=lambda r: (make_body(r, steps=steps), 1)
+                "127.0.0.1",
+                proc.port,
+                rate,
+                max(duration, min_requests / rate),
+                body_fn=lambda r: (make_body(r, steps=steps), 1),
             )
         )
         row = res.summary()
@@ -289,24 +337,16 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         fractions, duration = [0.05, 0.15], 1.0
     py = sys.executable
     dev = ["--device", args.device]
-    raw = bench_sampler(
-        checkpoint,
-        args.device,
-        ["auto"],
-        [1, 64],
-        [2],
-        repeats=3 if args.quick else 7,
-        rounds=1 if args.quick else 3,
-    )
-    raw_b1_ms = raw[0]["ms_per_batch"]
-    raw_ips = raw[1]["images_per_s"]
-    rates = [round(f * raw_ips, 2) for f in fractions]
+    min_requests = 0 if args.quick else args.min_requests
+    clock = RawClock(checkpoint, args.device, repeats=3 if args.quick else 7, rounds=1 if args.quick else 3)
+    clock.ms(1, "start")
+    start_ips = 64e3 / clock.ms(64, "start")
+    rates = [round(f * start_ips, 2) for f in fractions]  # the sweep's rates: from the start figure
     result: dict[str, Any] = {
         "machine": machine(),
-        "raw_batch1_ms": raw_b1_ms,
-        "raw_images_per_s": raw_ips,
         "fractions": fractions,
         "duration_s": duration,
+        "min_requests": min_requests,
         "configs": {},
     }
     prestarted: dict[str, Proc] = {}
@@ -331,27 +371,33 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         hist: bool,
         rates_: list[float],
         steps: int = 2,
-        after: Any = None,
+        reference: bool = False,
     ) -> dict[str, Any]:
+        """reference: this is the server the targets are about. The raw sampler is then timed
+        right before and after its idle run (batch 1) and its sweep (batch 64), and the ratios use
+        the mean of each pair; it also gets a run at 70% of its saturation."""
         proc = prestarted.pop(name) if name in prestarted else Proc(cmd, ready, tmp / f"{name}.log")
         try:
-            idle = (
-                asyncio.run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60))
-                if steps == 2
-                else []
-            )
+            raw_b1 = [clock.ms(1, f"before {name} idle")] if reference else []
+            idle = run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60)) if steps == 2 else []
             cfg: dict[str, Any] = {"idle_p50_ms": round(statistics.median(idle) * 1e3, 3) if idle else None}
-            cfg["sweep"] = sweep(proc, rates_, duration, hist, steps)
+            if reference:
+                raw_b1.append(clock.ms(1, f"after {name} idle"))
+                cfg["raw_batch1_ms"] = round(statistics.mean(raw_b1), 3)
+                raw_ips = [64e3 / clock.ms(64, f"before {name} sweep")]
+            # the teacher's rates are below 10 req/s: 200 requests each would take minutes per rate,
+            # and none of the targets is about its tail
+            cfg["sweep"] = sweep(proc, rates_, duration, hist, steps, min_requests if steps == 2 else 0)
             cfg["saturation_images_per_s"] = max(r["throughput_images_per_s"] for r in cfg["sweep"])
-            if after is not None:
-                after(proc, cfg)
+            if reference:
+                at70 = round(0.7 * cfg["saturation_images_per_s"], 2)
+                cfg["at_70pct"] = sweep(proc, [at70], duration, True, steps, min_requests)[0]
+                raw_ips.append(64e3 / clock.ms(64, f"after {name} sweep"))
+                cfg["raw_images_per_s"] = round(statistics.mean(raw_ips), 1)
             result["configs"][name] = cfg
             return cfg
         finally:
             proc.stop()
-
-    def at_70pct(proc: Proc, cfg: dict[str, Any]) -> None:
-        cfg["at_70pct"] = sweep(proc, [round(0.7 * cfg["saturation_images_per_s"], 2)], duration, True)[0]
 
     peers = [p for p in args.peers.split(",") if p]
     specs: dict[str, tuple[list[str], str]] = {
@@ -380,7 +426,8 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
             for f in futures.values():
                 if f.exception() is not None:
                     raise f.exception()  # type: ignore[misc]
-        cm = run_config("cmserve", *specs["cmserve"], True, rates, after=at_70pct)
+        cm = run_config("cmserve", *specs["cmserve"], True, rates, reference=True)
+        clock.close()  # before the teacher's raw timing below: one engine (one OpenMP team) at a time
         slo_ms = round(3 * cm["idle_p50_ms"], 1)
         result["slo_ms"] = slo_ms
         at70 = cm["at_70pct"]
@@ -417,16 +464,20 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
                 steps=32,
             )
     finally:
+        clock.close()
         for leftover in prestarted.values():  # only after an error
             leftover.stop()
+    result["raw_checks"] = clock.checks
     for cfg in result["configs"].values():
         cfg["max_rate_under_slo"] = max_rate_under_slo(cfg["sweep"], slo_ms)
     c = result["configs"]
     result.update(
         {
+            "raw_batch1_ms": cm["raw_batch1_ms"],
+            "raw_images_per_s": cm["raw_images_per_s"],
             "saturation_images_per_s": cm["saturation_images_per_s"],
-            "efficiency": round(cm["saturation_images_per_s"] / raw_ips, 3),
-            "idle_overhead_ms": round(cm["idle_p50_ms"] - raw_b1_ms, 3),
+            "efficiency": round(cm["saturation_images_per_s"] / cm["raw_images_per_s"], 3),
+            "idle_overhead_ms": round(cm["idle_p50_ms"] - cm["raw_batch1_ms"], 3),
             "p99_over_p50_at_70pct": round(at70["p99_ms"] / at70["p50_ms"], 3) if at70["p50_ms"] else None,
             "max_rate_under_slo": {k: v["max_rate_under_slo"] for k, v in c.items()},
         }

@@ -52,7 +52,7 @@ async def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def _check_key(request: Request, st: ServerState) -> None:
+def check_key(request: Request, st: ServerState) -> None:
     keys = st.settings.api_keys
     if not keys:
         return
@@ -70,9 +70,9 @@ def _check_key(request: Request, st: ServerState) -> None:
 
 
 async def require_key(request: Request, st: State) -> None:
-    _check_key(request, st)
+    check_key(request, st)
 
 
 async def require_key_ops(request: Request, st: State) -> None:
     if st.settings.protect_ops_endpoints:
-        _check_key(request, st)
+        check_key(request, st)

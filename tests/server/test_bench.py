@@ -54,6 +54,15 @@ def test_server_bench_quick(tmp_path: Path) -> None:
         assert sent == answered > 0, name  # open loop: every request sent got a status
         assert all(row["errors"] == 0 for row in cfg["sweep"]), (name, cfg["sweep"])
     assert r["configs"]["cmserve"]["sweep"][0]["server_p50_ms"] is not None
+    # the ratios use the raw sampler timed right before and after the figures they divide
+    checks = {(c["when"], c["batch"]): c["ms_per_batch"] for c in r["raw_checks"]}
+    b1 = [checks[("before cmserve idle", 1)], checks[("after cmserve idle", 1)]]
+    b64 = [checks[("before cmserve sweep", 64)], checks[("after cmserve sweep", 64)]]
+    assert r["raw_batch1_ms"] == pytest.approx(sum(b1) / 2, abs=1e-3)
+    assert r["raw_images_per_s"] == pytest.approx(sum(64e3 / ms for ms in b64) / 2, abs=0.1)
+    cm = r["configs"]["cmserve"]
+    assert r["idle_overhead_ms"] == pytest.approx(cm["idle_p50_ms"] - r["raw_batch1_ms"], abs=1e-2)
+    assert r["efficiency"] == pytest.approx(cm["saturation_images_per_s"] / r["raw_images_per_s"], abs=1e-2)
     assert (tmp_path / "plot.png").stat().st_size > 1000
 
 
