@@ -236,8 +236,19 @@ class Proc:
         except httpx.HTTPError:
             return ""
 
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)  # the pid is its process group id (start_new_session)
+
     def stop(self) -> None:
         pgid = self.proc.pid  # == its process group id (start_new_session)
+        self.resume()  # a stopped process would only act on SIGTERM once continued
         for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
             try:
                 os.killpg(pgid, sig)
@@ -349,7 +360,6 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         "min_requests": min_requests,
         "configs": {},
     }
-    prestarted: dict[str, Proc] = {}
     cm_cmd = [
         py,
         "-m",
@@ -363,41 +373,6 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         "--max-queue-images",
         "100000",
     ]
-
-    def run_config(
-        name: str,
-        cmd: list[str],
-        ready: str,
-        hist: bool,
-        rates_: list[float],
-        steps: int = 2,
-        reference: bool = False,
-    ) -> dict[str, Any]:
-        """reference: this is the server the targets are about. The raw sampler is then timed
-        right before and after its idle run (batch 1) and its sweep (batch 64), and the ratios use
-        the mean of each pair; it also gets a run at 70% of its saturation."""
-        proc = prestarted.pop(name) if name in prestarted else Proc(cmd, ready, tmp / f"{name}.log")
-        try:
-            raw_b1 = [clock.ms(1, f"before {name} idle")] if reference else []
-            idle = run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60)) if steps == 2 else []
-            cfg: dict[str, Any] = {"idle_p50_ms": round(statistics.median(idle) * 1e3, 3) if idle else None}
-            if reference:
-                raw_b1.append(clock.ms(1, f"after {name} idle"))
-                cfg["raw_batch1_ms"] = round(statistics.mean(raw_b1), 3)
-                raw_ips = [64e3 / clock.ms(64, f"before {name} sweep")]
-            # the teacher's rates are below 10 req/s: 200 requests each would take minutes per rate,
-            # and none of the targets is about its tail
-            cfg["sweep"] = sweep(proc, rates_, duration, hist, steps, min_requests if steps == 2 else 0)
-            cfg["saturation_images_per_s"] = max(r["throughput_images_per_s"] for r in cfg["sweep"])
-            if reference:
-                at70 = round(0.7 * cfg["saturation_images_per_s"], 2)
-                cfg["at_70pct"] = sweep(proc, [at70], duration, True, steps, min_requests)[0]
-                raw_ips.append(64e3 / clock.ms(64, f"after {name} sweep"))
-                cfg["raw_images_per_s"] = round(statistics.mean(raw_ips), 1)
-            result["configs"][name] = cfg
-            return cfg
-        finally:
-            proc.stop()
 
     peers = [p for p in args.peers.split(",") if p]
     specs: dict[str, tuple[list[str], str]] = {
@@ -415,58 +390,98 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         specs["litserve"] = (ls_cmd, "/health")
     if "plain" in peers:
         specs["plain"] = ([py, "-m", "server.bench_peers", "plain", "--checkpoint", checkpoint], "/readyz")
+    hist = {"cmserve", "cmserve_no_batching"}  # servers with cmserve's own histograms
+    procs: dict[str, Proc] = {}
+    cfgs: dict[str, dict[str, Any]] = {name: {"sweep": []} for name in specs}
+    result["configs"] = cfgs
+
+    def only(name: str | None) -> None:
+        """Let one server run and stop (SIGSTOP) the others, so their idle loops take nothing from
+        the one being measured (LitServe's idle polling alone uses ~10% of a core here)."""
+        for n, proc in procs.items():
+            if n == name:
+                proc.resume()
+            else:
+                proc.pause()
+
     try:
-        if args.quick:
-            # --quick checks the harness, not the figures: start every server at once (start-up is most
-            # of its time). Full runs start each only after the last has stopped, so none disturbs
-            # another's measurement.
-            with ThreadPoolExecutor(len(specs)) as pool:
-                futures = {n: pool.submit(Proc, c, r, tmp / f"{n}.log") for n, (c, r) in specs.items()}
-            prestarted.update({n: f.result() for n, f in futures.items() if f.exception() is None})
-            for f in futures.values():
-                if f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
-        cm = run_config("cmserve", *specs["cmserve"], True, rates, reference=True)
-        clock.close()  # before the teacher's raw timing below: one engine (one OpenMP team) at a time
-        slo_ms = round(3 * cm["idle_p50_ms"], 1)
-        result["slo_ms"] = slo_ms
-        at70 = cm["at_70pct"]
-        run_config("cmserve_no_batching", *specs["cmserve_no_batching"], True, rates)
-        if "litserve" in peers:
-            run_config("litserve", *specs["litserve"], False, rates)
-            result["configs"]["litserve"]["settings"] = {
+        # every 2-step server starts at once (start-up is most of a quick run's time) and is then
+        # measured rate by rate, all servers at one rate before the next rate: a slow phase of this
+        # VM (its speed drifts by tens of %) then lands on every server near the same rate instead
+        # of on one server's whole sweep
+        with ThreadPoolExecutor(len(specs)) as pool:
+            futures = {n: pool.submit(Proc, c, r, tmp / f"{n}.log") for n, (c, r) in specs.items()}
+        procs.update({n: f.result() for n, f in futures.items() if f.exception() is None})
+        for f in futures.values():
+            if f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        for name, proc in procs.items():
+            only(None)
+            raw_b1 = [clock.ms(1, f"before {name} idle")] if name == "cmserve" else []
+            only(name)
+            idle = run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60))
+            cfgs[name]["idle_p50_ms"] = round(statistics.median(idle) * 1e3, 3)
+            if raw_b1:
+                only(None)
+                raw_b1.append(clock.ms(1, f"after {name} idle"))
+                cfgs[name]["raw_batch1_ms"] = round(statistics.mean(raw_b1), 3)
+        for i, rate in enumerate(rates):
+            for name, proc in procs.items():
+                # cmserve's rows from half the start raw figure up, and its last, get the raw
+                # sampler timed right before and after them: the efficiency's denominator
+                bracket = name == "cmserve" and (fractions[i] >= 0.5 or i == len(rates) - 1)
+                if bracket:
+                    only(None)
+                    raw = [64e3 / clock.ms(64, f"before cmserve at {rate} req/s")]
+                only(name)
+                row = sweep(proc, [rate], duration, name in hist, 2, min_requests)[0]
+                if bracket:
+                    only(None)
+                    raw.append(64e3 / clock.ms(64, f"after cmserve at {rate} req/s"))
+                    row["raw_images_per_s"] = round(statistics.mean(raw), 1)
+                cfgs[name]["sweep"].append(row)
+        for cfg in cfgs.values():
+            cfg["saturation_images_per_s"] = max(r["throughput_images_per_s"] for r in cfg["sweep"])
+        cm = cfgs["cmserve"]
+        only("cmserve")
+        at70 = round(0.7 * cm["saturation_images_per_s"], 2)
+        cm["at_70pct"] = sweep(procs["cmserve"], [at70], duration, True, 2, min_requests)[0]
+        if "litserve" in cfgs:
+            cfgs["litserve"]["settings"] = {
                 "max_batch_size": args.litserve_max_batch,
                 "batch_timeout_s": args.litserve_timeout,
             }
-        if "plain" in peers:
-            run_config("plain", *specs["plain"], False, rates)
+        for proc in procs.values():
+            proc.stop()
+        procs.clear()
+        clock.close()  # before the teacher's raw timing below: one engine (one OpenMP team) at a time
         if teacher and Path(teacher).is_file():
             t_raw = bench_sampler(teacher, args.device, ["auto"], [64], [32], repeats=2)[0]
             result["teacher_raw_images_per_s"] = t_raw["images_per_s"]
-            run_config(
-                "teacher32",
-                [
-                    py,
-                    "-m",
-                    "server.cli",
-                    "serve",
-                    "--checkpoint",
-                    teacher,
-                    *dev,
-                    "--log-level",
-                    "warning",
-                    "--max-queue-images",
-                    "100000",
-                ],
-                "/readyz",
-                True,
-                [round(f * t_raw["images_per_s"], 2) for f in fractions],
-                steps=32,
-            )
+            t_cmd = [*cm_cmd[:5], teacher, *cm_cmd[6:]]  # cmserve on the teacher's checkpoint
+            proc = Proc(t_cmd, "/readyz", tmp / "teacher32.log")
+            try:
+                # the teacher's rates are below 10 req/s: 200 requests each would take minutes per
+                # rate, and none of the targets is about its tail
+                t_rates = [round(f * t_raw["images_per_s"], 2) for f in fractions]
+                t_sweep = sweep(proc, t_rates, duration, True, 32)
+            finally:
+                proc.stop()
+            cfgs["teacher32"] = {
+                "idle_p50_ms": None,
+                "sweep": t_sweep,
+                "saturation_images_per_s": max(r["throughput_images_per_s"] for r in t_sweep),
+            }
     finally:
         clock.close()
-        for leftover in prestarted.values():  # only after an error
+        for leftover in procs.values():  # only after an error
             leftover.stop()
+    slo_ms = round(3 * cm["idle_p50_ms"], 1)
+    result["slo_ms"] = slo_ms
+    # the saturation row's own raw figure, or the nearest bracketed row's
+    sat_i = max(range(len(cm["sweep"])), key=lambda i: cm["sweep"][i]["throughput_images_per_s"])
+    bracketed = [i for i, r in enumerate(cm["sweep"]) if "raw_images_per_s" in r]
+    cm["raw_images_per_s"] = cm["sweep"][min(bracketed, key=lambda i: abs(i - sat_i))]["raw_images_per_s"]
     result["raw_checks"] = clock.checks
     for cfg in result["configs"].values():
         cfg["max_rate_under_slo"] = max_rate_under_slo(cfg["sweep"], slo_ms)
@@ -478,7 +493,11 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
             "saturation_images_per_s": cm["saturation_images_per_s"],
             "efficiency": round(cm["saturation_images_per_s"] / cm["raw_images_per_s"], 3),
             "idle_overhead_ms": round(cm["idle_p50_ms"] - cm["raw_batch1_ms"], 3),
-            "p99_over_p50_at_70pct": round(at70["p99_ms"] / at70["p50_ms"], 3) if at70["p50_ms"] else None,
+            "p99_over_p50_at_70pct": (
+                round(cm["at_70pct"]["p99_ms"] / cm["at_70pct"]["p50_ms"], 3)
+                if cm["at_70pct"]["p50_ms"]
+                else None
+            ),
             "max_rate_under_slo": {k: v["max_rate_under_slo"] for k, v in c.items()},
         }
     )
