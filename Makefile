@@ -33,8 +33,8 @@ ops-tools: $(VENV)/.test
 	deploy/install-tools.sh $(VENV)
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check server kernels models tests
-	$(VENV)/bin/ruff format --check server kernels models tests
+	$(VENV)/bin/ruff check server kernels models tests deploy
+	$(VENV)/bin/ruff format --check server kernels models tests deploy
 	$(VENV)/bin/mypy server kernels models
 
 # the shipped model: the teacher phase, then consistency tuning from the exported teacher

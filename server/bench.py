@@ -174,7 +174,7 @@ def bench_sampler(
 class RawClock:
     """The raw sampler (2 steps), kept loaded for a whole `bench server` run and timed again right
     before and after each cmserve figure it is compared with. Why: this VM's speed drifts by tens
-    of % within minutes (raw batch 64 at 182 and 145 images/s 20 minutes apart, this session), so a
+    of % within minutes (raw batch 64 at 182 and 145 images/s 12 minutes apart, one day), so a
     ratio against a figure timed at the start of a 20-minute run measures the drift as well."""
 
     def __init__(self, checkpoint: str, device: str, repeats: int, rounds: int) -> None:

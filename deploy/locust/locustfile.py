@@ -24,8 +24,12 @@ def _args(parser) -> None:  # type: ignore[no-untyped-def]
     parser.add_argument("--slo-p99-ms", type=float, default=2000.0, help="fail if p99 exceeds this")
     parser.add_argument("--max-fail-ratio", type=float, default=0.01, help="fail if more requests fail")
     parser.add_argument("--user-rate", type=float, default=2.0, help="requests/s per user (Poisson)")
-    parser.add_argument("--mix", default='{"n": {"1": 0.7, "2": 0.2, "4": 0.1}, "steps": {"1": 0.2, "2": 0.7, '
-                        '"4": 0.1}, "unconditional": 0.1}', help="JSON: weights of n and steps, share unconditional")
+    parser.add_argument(
+        "--mix",
+        default='{"n": {"1": 0.7, "2": 0.2, "4": 0.1}, "steps": {"1": 0.2, "2": 0.7, '
+        '"4": 0.1}, "unconditional": 0.1}',
+        help="JSON: weights of n and steps, share unconditional",
+    )
     parser.add_argument("--api-key", default="", help="bearer key, if the server wants one")
 
 
@@ -53,8 +57,9 @@ class Generate(FastHttpUser):
             "class_label": None if random.random() < mix["unconditional"] else random.randrange(10),
         }
         headers = {"authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
-        with self.client.post("/v1/generate", json=body, headers=headers, name=f"generate n={body['n']}",
-                              catch_response=True) as r:
+        with self.client.post(
+            "/v1/generate", json=body, headers=headers, name=f"generate n={body['n']}", catch_response=True
+        ) as r:
             if r.status_code == 200 and len(r.json().get("data", [])) != body["n"]:
                 r.failure("wrong number of images")
 
@@ -64,8 +69,15 @@ def _verdict(environment, **_kw) -> None:  # type: ignore[no-untyped-def]
     opts = environment.parsed_options
     total = environment.stats.total
     p95, p99 = total.get_response_time_percentile(0.95), total.get_response_time_percentile(0.99)
-    verdict = {"requests": total.num_requests, "failures": total.num_failures, "fail_ratio": round(total.fail_ratio, 4),
-               "p95_ms": p95, "p99_ms": p99, "slo_p95_ms": opts.slo_p95_ms, "slo_p99_ms": opts.slo_p99_ms}
+    verdict = {
+        "requests": total.num_requests,
+        "failures": total.num_failures,
+        "fail_ratio": round(total.fail_ratio, 4),
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "slo_p95_ms": opts.slo_p95_ms,
+        "slo_p99_ms": opts.slo_p99_ms,
+    }
     failed = []
     if total.num_requests == 0:
         failed.append("no requests completed")
