@@ -263,6 +263,11 @@ class Proc:
             return
 
 
+def _gauge(text: str, name: str) -> float | None:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
 def _buckets(text: str) -> dict[float, float]:
     out = {}
     for m in re.finditer(
@@ -421,6 +426,9 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
             only(name)
             idle = run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60))
             cfgs[name]["idle_p50_ms"] = round(statistics.median(idle) * 1e3, 3)
+            if name in hist:  # what max batch size it ran with (auto picks one at warm-up)
+                mb = _gauge(proc.metrics(), "cmserve_max_batch_size_images")
+                cfgs[name]["max_batch_size"] = None if mb is None else int(mb)
             if raw_b1:
                 only(None)
                 raw_b1.append(clock.ms(1, f"after {name} idle"))

@@ -59,6 +59,8 @@ def test_server_bench_quick(tmp_path: Path) -> None:
     b1 = [checks[("before cmserve idle", 1)], checks[("after cmserve idle", 1)]]
     assert r["raw_batch1_ms"] == pytest.approx(sum(b1) / 2, abs=1e-3)
     cm = r["configs"]["cmserve"]
+    assert cm["max_batch_size"] in {1, 2, 4, 8, 16, 32, 64}  # the auto choice, read from its gauge
+    assert r["configs"]["cmserve_no_batching"]["max_batch_size"] == 1
     last = cm["sweep"][-1]  # the last rate always gets its own raw figure, timed around it
     b64 = [checks[(f"before cmserve at {last['rate_rps']} req/s", 64)]]
     b64.append(checks[(f"after cmserve at {last['rate_rps']} req/s", 64)])
