@@ -24,14 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from server.loadgen import closed_loop, make_body, open_loop, run
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEACHER = ROOT / "models" / "weights" / "teacher-mnist.json"
 
@@ -328,6 +331,11 @@ def sweep(
     return rows
 
 
+def _idle_latencies(port: int, count: int) -> list[float]:
+    """Seconds per request, one request at a time."""
+    return run(closed_loop("127.0.0.1", port, count))
+
+
 def max_rate_under_slo(rows: list[dict[str, Any]], slo_ms: float) -> float:
     """Highest arrival rate whose p99 stayed under the SLO with nothing refused or failed."""
     ok = [
@@ -355,7 +363,6 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
     dev = ["--device", args.device]
     min_requests = 0 if args.quick else args.min_requests
     clock = RawClock(checkpoint, args.device, repeats=3 if args.quick else 7, rounds=1 if args.quick else 3)
-    clock.ms(1, "start")
     start_ips = 64e3 / clock.ms(64, "start")
     rates = [round(f * start_ips, 2) for f in fractions]  # the sweep's rates: from the start figure
     result: dict[str, Any] = {
@@ -363,21 +370,13 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         "fractions": fractions,
         "duration_s": duration,
         "min_requests": min_requests,
-        "configs": {},
     }
-    cm_cmd = [
-        py,
-        "-m",
-        "server.cli",
-        "serve",
-        "--checkpoint",
-        checkpoint,
-        *dev,
-        "--log-level",
-        "warning",
-        "--max-queue-images",
-        "100000",
-    ]
+
+    def serve_cmd(ckpt: str) -> list[str]:
+        server = [py, "-m", "server.cli", "serve", "--checkpoint", ckpt, *dev]
+        return [*server, "--log-level", "warning", "--max-queue-images", "100000"]
+
+    cm_cmd = serve_cmd(checkpoint)
 
     peers = [p for p in args.peers.split(",") if p]
     specs: dict[str, tuple[list[str], str]] = {
@@ -409,6 +408,16 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 proc.pause()
 
+    def around(name: str, batch: int, what: str, fn: Callable[[], T]) -> tuple[T, list[float]]:
+        """fn() with only `name` running, and the raw sampler timed at `batch` right before and
+        right after it with every server stopped; -> (fn's result, [ms before, ms after])."""
+        only(None)
+        before = clock.ms(batch, f"before {name} {what}")
+        only(name)
+        out = fn()
+        only(None)
+        return out, [before, clock.ms(batch, f"after {name} {what}")]
+
     try:
         # every 2-step server starts at once (start-up is most of a quick run's time) and is then
         # measured rate by rate, all servers at one rate before the next rate: a slow phase of this
@@ -420,34 +429,30 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         for f in futures.values():
             if f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
+        for name in hist:  # the max batch size each runs with (auto picks one at warm-up)
+            mb = _gauge(procs[name].metrics(), "cmserve_max_batch_size_images")  # all still running
+            cfgs[name]["max_batch_size"] = None if mb is None else int(mb)
         for name, proc in procs.items():
-            only(None)
-            raw_b1 = [clock.ms(1, f"before {name} idle")] if name == "cmserve" else []
-            only(name)
-            idle = run(closed_loop("127.0.0.1", proc.port, 10 if args.quick else 60))
-            cfgs[name]["idle_p50_ms"] = round(statistics.median(idle) * 1e3, 3)
-            if name in hist:  # what max batch size it ran with (auto picks one at warm-up)
-                mb = _gauge(proc.metrics(), "cmserve_max_batch_size_images")
-                cfgs[name]["max_batch_size"] = None if mb is None else int(mb)
-            if raw_b1:
-                only(None)
-                raw_b1.append(clock.ms(1, f"after {name} idle"))
+            idle_loop = partial(_idle_latencies, proc.port, 10 if args.quick else 60)
+            if name == "cmserve":  # the idle overhead's denominator: raw batch 1 around it
+                idle, raw_b1 = around(name, 1, "idle", idle_loop)
                 cfgs[name]["raw_batch1_ms"] = round(statistics.mean(raw_b1), 3)
+            else:
+                only(name)
+                idle = idle_loop()
+            cfgs[name]["idle_p50_ms"] = round(statistics.median(idle) * 1e3, 3)
         for i, rate in enumerate(rates):
             for name, proc in procs.items():
-                # cmserve's rows from half the start raw figure up, and its last, get the raw
-                # sampler timed right before and after them: the efficiency's denominator
-                bracket = name == "cmserve" and (fractions[i] >= 0.5 or i == len(rates) - 1)
-                if bracket:
-                    only(None)
-                    raw = [64e3 / clock.ms(64, f"before cmserve at {rate} req/s")]
-                only(name)
-                row = sweep(proc, [rate], duration, name in hist, 2, min_requests)[0]
-                if bracket:
-                    only(None)
-                    raw.append(64e3 / clock.ms(64, f"after cmserve at {rate} req/s"))
-                    row["raw_images_per_s"] = round(statistics.mean(raw), 1)
-                cfgs[name]["sweep"].append(row)
+                one_rate = partial(sweep, proc, [rate], duration, name in hist, 2, min_requests)
+                # cmserve's rows from half the start raw figure up, and its last, get raw batch 64
+                # timed right before and after them: the efficiency's denominator
+                if name == "cmserve" and (fractions[i] >= 0.5 or i == len(rates) - 1):
+                    rows, raw_ms = around(name, 64, f"at {rate} req/s", one_rate)
+                    rows[0]["raw_images_per_s"] = round(statistics.mean(64e3 / ms for ms in raw_ms), 1)
+                else:
+                    only(name)
+                    rows = one_rate()
+                cfgs[name]["sweep"].append(rows[0])
         for cfg in cfgs.values():
             cfg["saturation_images_per_s"] = max(r["throughput_images_per_s"] for r in cfg["sweep"])
         cm = cfgs["cmserve"]
@@ -466,8 +471,7 @@ def bench_server(args: argparse.Namespace) -> dict[str, Any]:
         if teacher and Path(teacher).is_file():
             t_raw = bench_sampler(teacher, args.device, ["auto"], [64], [32], repeats=2)[0]
             result["teacher_raw_images_per_s"] = t_raw["images_per_s"]
-            t_cmd = [*cm_cmd[:5], teacher, *cm_cmd[6:]]  # cmserve on the teacher's checkpoint
-            proc = Proc(t_cmd, "/readyz", tmp / "teacher32.log")
+            proc = Proc(serve_cmd(teacher), "/readyz", tmp / "teacher32.log")
             try:
                 # the teacher's rates are below 10 req/s: 200 requests each would take minutes per
                 # rate, and none of the targets is about its tail

@@ -121,8 +121,9 @@ class Engine:
         """The smallest bucket whose images/s is within `tolerance` of the best bucket's, timed
         here at the default step count. Why: a bigger batch makes everyone in it wait longer, so it
         is only worth it while it still buys throughput. On a GPU that is the largest bucket or near
-        it; on this 2-core CPU batch 16-32 is within 5% of batch 64's images/s at a quarter to half
-        of its latency (timings logged at start-up). Times on the compute thread."""
+        it; on this 2-core CPU it came out at 16 or 32 on most start-ups (within 5% of batch 64's
+        images/s at a quarter to half of its latency) and at 64 on one: the timings, logged at
+        start-up, are that close. Times on the compute thread."""
         steps = 2 if 2 in self.card.schedules else self.card.steps[0]
         secs = self.call(self.runner.time_buckets, steps)
         rate = {b: b / s for b, s in secs.items()}
