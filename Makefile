@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 
-.PHONY: serve test test-fast lint bench loadtest gpu-check train eval fuzz soak ops-tools clean
+.PHONY: serve test test-fast lint bench loadtest gpu-check gpu-wheels train eval fuzz soak ops-tools clean
 
 # torch is pinned here (not in pyproject) to the CPU wheel on this machine's disk: an unpinned
 # torch would pull a multi-GB CUDA build. On a GPU machine install the CUDA torch first.
@@ -58,8 +58,28 @@ fuzz: $(VENV)/.test
 soak: $(VENV)/.test
 	$(PY) -m pytest tests/reliability/test_load.py -k soak --run-soak
 
-gpu-check: $(VENV)/.test
-	TRITON_INTERPRET=0 $(PY) -m server.gpu_check --out docs/gpu_check
+# On a GPU host: its own Python and CUDA torch, no virtual environment, no network. Packages the
+# host lacks come from wheels that `make gpu-wheels` downloads beforehand (on a machine with a
+# network) into .whl/, installed here into /tmp/cmserve-site.
+GPU_PY    ?= python3
+GPU_SITE  ?= /tmp/cmserve-site
+GPU_OUT   ?= docs/gpu
+GPU_BUDGET ?= 540
+GPU_WHEELS = fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection \
+             typing-extensions pydantic-settings python-dotenv uvicorn opentelemetry-api litserve pyzmq mlxtend
+
+gpu-check:
+	if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) TRITON_INTERPRET=0 $(GPU_PY) -m bench.gpu_check --out $(GPU_OUT) \
+		--budget $(GPU_BUDGET)
+
+# manylinux wheels for CPython 3.12 (the GPU hosts' Python) of what those hosts lack
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

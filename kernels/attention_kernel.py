@@ -53,6 +53,7 @@ def _attention_kernel(
     eps,
     QK_NORM: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -88,13 +89,13 @@ def _attention_kernel(
         v = tl.load(
             V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0
         ).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], log2 domain
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 domain
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
@@ -120,8 +121,14 @@ def attention(
     k_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     out: torch.Tensor | None = None,
+    fp32_precision: str = "ieee",
 ) -> torch.Tensor:
     """q, k, v: [B, H, N, Dh] (any strides, last dim contiguous) -> [B, H, N, Dh].
+
+    fp32_precision: how fp32 inputs enter the two dots. 'ieee' (the default) keeps fp32 serving
+    fp32; 'tf32' runs them on the tensor cores with a 10-bit mantissa (relative error ~1e-3),
+    Triton's own default and what an fp32 `tl.dot` silently does on NVIDIA GPUs. Ignored for
+    bf16/fp16, which always use the tensor cores.
 
     The default output is a [B, H, N, Dh] view of a contiguous [B, N, H, Dh] buffer, so the
     caller's transpose(1, 2).reshape(B, N, H*Dh) costs nothing.
@@ -153,6 +160,9 @@ def attention(
     dot_dtype = _DOT_DTYPES[q.dtype]
     if q.dtype == torch.bfloat16 and (q.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):
         dot_dtype = tl.float32
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+    precision = fp32_precision if dot_dtype == tl.float32 else "tf32"  # "tf32" = Triton's default
     grid = (triton.cdiv(N, block_m), B * H)
     _attention_kernel[grid](
         q,
@@ -180,6 +190,7 @@ def attention(
         eps,
         QK_NORM=qk_norm,
         DOT_DTYPE=dot_dtype,
+        PRECISION=precision,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -14,15 +14,22 @@ from models.dit import DiT
 PLACEHOLDER_NAME = "placeholder-untrained"
 
 
-def build_placeholder(path: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
-    """Random weights (the zero-initialized adaLN/output layers too, so the output depends on
-    the network and on the label); draws noise-like images, not digits."""
+def random_dit(arch: str, seed: int = 0) -> DiT:
+    """A DiT of preset `arch` with random weights everywhere: the zero-initialized adaLN and
+    output layers too, so the output depends on the network and the label (and speed tests never
+    multiply zeros, which some GPUs do faster)."""
     torch.manual_seed(seed)
     net = DiT(PRESETS[arch])
     with torch.no_grad():
         for p in net.parameters():
             if p.dim() > 1 and not p.abs().sum():
                 p.normal_(0.0, 0.02)
+    return net
+
+
+def build_placeholder(path: str | Path, seed: int = 0, arch: str = "tiny") -> Path:
+    """Random weights (`random_dit`); draws noise-like images, not digits."""
+    net = random_dit(arch, seed)
     card = ModelCard(
         name=PLACEHOLDER_NAME,
         kind="consistency",

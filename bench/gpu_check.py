@@ -1,0 +1,232 @@
+"""`make gpu-check`: everything that needs a GPU, in one run that fits 10 minutes.
+
+    python3 -m bench.gpu_check --out docs/gpu [--budget 540]
+
+Runs with the host's own Python and CUDA torch (no virtual environment); what the host lacks
+comes from wheels (`make gpu-wheels`). Parts, in order of value, each in its own process group
+with a time limit (a part past its limit is killed with its children, and the rest still run):
+
+    env       device, versions, measured matmul and copy ceilings beside the datasheet's
+    kernels   every Triton kernel vs a float64 reference, fp32 / bf16 / fp16 (bench/gpu_kernels.py)
+    model     presets mnist-s, dit-b2, dit-xl2: eager vs graph, Triton vs torch ops, roofline
+    engine    the shipped checkpoints through the Engine: graph vs eager reference per bucket,
+              served batch vs replay, capture time and memory, batch invariance, the teacher
+    pytest    the `cuda`-marked tests
+    server    `cmserve bench server --quick` on the GPU with the shipped model, against LitServe
+              and a plain FastAPI endpoint
+    quality   FLD and class accuracy of the served model at fp32 / bf16 / fp16
+    kbench    kernels/bench.py: each kernel's time against torch
+
+The report (`<out>/<device>.json` and `.md`) is rewritten after every part, so a run killed at its
+limit keeps what was done. Without CUDA it says so and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# (name, most seconds it may take)
+PARTS: list[tuple[str, int]] = [
+    ("env", 40),
+    ("kernels", 80),
+    ("model", 170),
+    ("engine", 110),
+    ("pytest", 70),
+    ("server", 100),
+    ("quality", 50),
+    ("kbench", 50),
+]
+MIN_PART_S = 20
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_part(name: str, out: Path, deadline: float) -> Any:
+    """The body of one part, in its own process; returns what goes into the report."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "env":
+        from bench.roofline import datasheet, measure_peaks
+
+        name_ = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor()
+        info: dict[str, Any] = {"device": name_, "torch": torch.__version__, "python": platform.python_version()}
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+        if dev.type == "cuda":
+            p = torch.cuda.get_device_properties(dev)
+            info.update(sms=p.multi_processor_count, memory_gb=round(p.total_memory / 2**30, 1))
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu",
+                 "--format=csv"], capture_output=True, text=True, timeout=20,
+            )  # fmt: skip
+            info["nvidia_smi"] = smi.stdout.strip()
+        info["datasheet"] = datasheet(name_)
+        info["measured"] = {k: round(v, 2) for k, v in measure_peaks(dev).items()}
+        return info
+    if name == "kernels":
+        from bench.gpu_kernels import check
+
+        return check(str(dev))
+    if name == "model":
+        from bench.gpu_model import bench_preset
+        from bench.roofline import datasheet, measure_peaks
+
+        env = _load(out, "env") or {}
+        measured = env.get("measured") or measure_peaks(dev)
+        sheet = datasheet(torch.cuda.get_device_name()) if dev.type == "cuda" else None
+        plans: list[tuple[str, torch.dtype, list[int], tuple[str, ...]]] = [
+            ("dit-b2", torch.bfloat16, [1, 8, 32, 128, 256], ("cast", "autocast")),
+            ("mnist-s", torch.bfloat16, [1, 16, 64, 256, 1024], ("cast",)),
+            ("mnist-s", torch.float32, [1, 64, 1024], ("cast",)),
+            ("dit-xl2", torch.bfloat16, [1, 8, 32, 64], ("cast",)),
+        ]
+        if dev.type != "cuda":  # a harness check: the small model only
+            plans = [("mnist-s", torch.float32, [1, 8], ("cast",))]
+        results = []
+        for preset, dt, batches, modes in plans:
+            key = str(dt).removeprefix("torch.")  # fp32 models run without TF32: the fp32 peak
+            peak = (sheet or {}).get("tflops", {}).get(key) or measured.get(key) or measured["float32"]
+            results.append(bench_preset(
+                preset, dt, batches, dev, peak, measured["copy_tbps"], modes=modes, deadline=deadline - 5,
+            ))  # fmt: skip
+            _save(out, "model", results)  # partial results survive a kill
+        return results
+    if name == "engine":
+        from bench.gpu_engine import check as engine_check
+
+        return engine_check(["bfloat16", "float32", "float16"] if dev.type == "cuda" else ["float32"],
+                            deadline=deadline - 5, device=dev.type)
+    if name == "quality":
+        from bench.gpu_quality import check as quality_check
+
+        if dev.type != "cuda":
+            return quality_check(["float32"], n=100, deadline=deadline - 5, device="cpu")
+        return quality_check(["float32", "bfloat16", "float16"], deadline=deadline - 5)
+    if name == "kbench":
+        from kernels.bench import run
+
+        return run(str(dev))
+    raise ValueError(f"unknown part {name!r}")
+
+
+def _load(out: Path, name: str) -> Any:
+    p = out / f"part-{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _save(out: Path, name: str, value: Any) -> None:
+    tmp = out / f".part-{name}.json"
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(out / f"part-{name}.json")
+
+
+def _spawn(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int, str]:
+    """Run cmd in a new process group; on timeout kill the whole group (servers included)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)  # fmt: skip
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return 124, (out or "") + f"\n[killed after {timeout:.0f} s]"
+
+
+def part_command(name: str, work: Path, deadline: float) -> list[str]:
+    py = sys.executable
+    if name == "pytest":
+        # only the files that hold cuda tests: collecting the rest would import test-only packages
+        # (schemathesis, locust, ...) that a GPU host lacks
+        files = sorted(str(p) for p in (ROOT / "tests").rglob("test_cuda*.py"))
+        return [py, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "-o", "addopts=", *files]
+    if name == "server":
+        return [py, "-m", "server.cli", "bench", "server", "--quick", "--device", "cuda",
+                "--checkpoint", str(ROOT / "models" / "weights" / "cm-mnist.json"),
+                "--json", str(work / "part-server.json")]  # fmt: skip
+    return [py, "-m", "bench.gpu_check", "--part", name, "--work", str(work), "--deadline", str(deadline)]
+
+
+def report_stem(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': the report's file name."""
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    from bench.gpu_report import markdown
+
+    stem = out / report_stem(report["device"])
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    return stem.with_suffix(".md")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/gpu")
+    ap.add_argument("--work", default="", help="folder for the parts' raw results (default: a temp dir)")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
+    ap.add_argument("--parts", default=",".join(n for n, _ in PARTS))
+    ap.add_argument("--allow-cpu", action="store_true", help="run the harness without CUDA (tests it)")
+    ap.add_argument("--part", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:  # a child: one part, its result to <work>/part-<name>.json
+        work = Path(args.work)
+        _save(work, args.part, run_part(args.part, work, args.deadline or float("inf")))
+        return
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print("gpu-check: no CUDA device here (torch %s): nothing to run" % torch.__version__, file=sys.stderr)
+        sys.exit(1)
+    t_end = time.monotonic() + args.budget
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TRITON_INTERPRET": "0" if cuda else "1", "PYTHONUNBUFFERED": "1"}
+    report: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": torch.cuda.get_device_name() if cuda else f"cpu {platform.machine()}",
+        "torch": torch.__version__,
+        "command": "python3 -m bench.gpu_check " + " ".join(sys.argv[1:]),
+        "parts": {},
+    }
+    wanted = set(args.parts.split(","))
+    for name, max_s in PARTS:
+        if name not in wanted:
+            continue
+        left = t_end - time.monotonic()
+        if left < MIN_PART_S:
+            report["parts"][name] = {"rc": None, "skipped": f"out of time ({left:.0f} s left)"}
+            continue
+        limit = min(max_s, left - 5)
+        t0 = time.monotonic()
+        rc, log = _spawn(part_command(name, work, time.monotonic() + limit), limit, env)
+        entry: dict[str, Any] = {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "log": log[-6000:]}
+        entry["result"] = _load(work, name)
+        report["parts"][name] = entry
+        print(f"== {name}: rc={rc} in {entry['seconds']} s", flush=True)
+        print(log[-3000:], flush=True)
+        write_report(report, out)
+    report["ok"] = all(p.get("rc") == 0 for p in report["parts"].values())
+    print(write_report(report, out).read_text())
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()

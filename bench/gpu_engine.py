@@ -1,0 +1,126 @@
+"""The shipped checkpoints through the server's own Engine on the device.
+
+Per dtype: the captured graphs (Triton kernels) against an eager engine running the torch
+reference ops, for every bucket and step count, and for the teacher's ODE; per bucket the time
+of a whole served batch (`Engine.run_batch`: noise on the host, copies, replay, uint8) against
+the replay alone, which shows the host side's share; capture time and memory; batch
+invariance (an image sampled alone equals the same image sampled in a full batch).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kernels
+from bench.roofline import wall_median
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
+
+
+def _engine(ckpt: Path, backend: str, dtype: str, buckets: list[int], device: str = "cuda") -> Any:
+    from server.engine import Engine
+    from server.metrics import Metrics
+    from server.settings import Settings
+
+    if device != "cuda":
+        backend = "eager"  # a harness check off the GPU
+    s = Settings(checkpoint=str(ckpt), device=device, backend=backend, dtype=dtype, buckets=buckets)
+    e = Engine(s, Metrics())
+    t0 = time.perf_counter()
+    e.warmup()
+    e.warmup_s = time.perf_counter() - t0
+    return e
+
+
+def _compare(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> dict[str, Any]:
+    labels: list[int | None] = [i % 10 for i in range(n)]
+    seeds = list(range(seed0, seed0 + n))
+    a = graph.call(graph.sample, steps, labels, seeds)
+    kernels.use_reference(True)
+    try:
+        b = eager.call(eager.sample, steps, labels, seeds)
+    finally:
+        kernels.use_reference(False)
+    from models.grid import to_uint8
+
+    ua, ub = to_uint8(a), to_uint8(b)
+    return {
+        "steps": steps,
+        "n": n,
+        "max_abs": float((a - b).abs().max()),
+        "rel_err": float((a - b).norm() / b.norm()),
+        "uint8_pixels_differ": float((ua != ub).mean()),
+        "uint8_max_diff": int(abs(ua.astype(int) - ub.astype(int)).max()),
+    }
+
+
+def check(dtypes: list[str], deadline: float = float("inf"), device: str = "cuda") -> dict[str, Any]:
+    res: dict[str, Any] = {"consistency": [], "teacher": []}
+    buckets = [1, 2, 4, 8, 16, 32, 64] if device == "cuda" else [1, 8]
+    for dtype in dtypes:
+        if time.monotonic() > deadline:
+            res["truncated"] = True
+            break
+        row: dict[str, Any] = {"dtype": dtype}
+        try:
+            g = _engine(WEIGHTS / "cm-mnist.json", "graph", dtype, buckets, device)
+            e = _engine(WEIGHTS / "cm-mnist.json", "eager", dtype, buckets, device)
+            row["capture_s"] = round(g.runner.capture_s, 3)
+            if device == "cuda":
+                row["capture_memory_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
+            row["vs_reference"] = [
+                _compare(g, e, s, n, 1000 * s) for s in g.supported_steps for n in (1, 5, buckets[-1])
+            ]
+            per_bucket = []
+            for steps in g.supported_steps:
+                replay = g.call(g.runner.time_buckets, steps)
+                for b in buckets:
+                    labels: list[int | None] = [i % 10 for i in range(b)]
+                    seeds = list(range(b))
+
+                    def served(b: int = b, steps: int = steps, labels: list[int | None] = labels,
+                               seeds: list[int] = seeds) -> None:  # fmt: skip
+                        g.run_batch(steps, labels, seeds)
+
+                    sec = g.call(wall_median, served, g.device, 0.2)
+                    per_bucket.append({
+                        "steps": steps, "batch": b, "served_ms": round(sec * 1e3, 3),
+                        "replay_ms": round(replay[b] * 1e3, 3), "images_per_s": round(b / sec, 1),
+                    })  # fmt: skip
+            row["per_bucket"] = per_bucket
+            # batch invariance: image i alone == image i inside a batch of 64
+            top = buckets[-1]
+            labels_top: list[int | None] = [i % 10 for i in range(top)]
+            full = g.call(g.sample, 2, labels_top, list(range(top)))
+            pick = [0, top // 2, top - 1]
+            alone = torch.cat([g.call(g.sample, 2, [labels_top[i]], [i]) for i in pick])
+            row["batch_invariance_max_abs"] = float((full[pick] - alone).abs().max())
+            g.close()
+            e.close()
+        except Exception as ex:
+            row["error"] = f"{type(ex).__name__}: {ex}"[:800]
+        res["consistency"].append(row)
+        print(row, flush=True)
+    for dtype in dtypes:
+        if time.monotonic() > deadline:
+            res["truncated"] = True
+            break
+        trow: dict[str, Any] = {"dtype": dtype}
+        try:
+            g = _engine(WEIGHTS / "teacher-mnist.json", "graph", dtype, [1, 16, 64], device)
+            e = _engine(WEIGHTS / "teacher-mnist.json", "eager", dtype, [1, 16, 64], device)
+            trow["capture_s"] = round(g.runner.capture_s, 3)
+            trow["vs_reference"] = [_compare(g, e, s, n, 7) for s in g.supported_steps for n in (1, 64)]
+            replay = g.call(g.runner.time_buckets, g.supported_steps[-1])
+            trow["replay_ms"] = {b: round(v * 1e3, 3) for b, v in replay.items()}
+            g.close()
+            e.close()
+        except Exception as ex:
+            trow["error"] = f"{type(ex).__name__}: {ex}"[:800]
+        res["teacher"].append(trow)
+        print(trow, flush=True)
+    return res

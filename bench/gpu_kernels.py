@@ -1,0 +1,109 @@
+"""Every Triton kernel against a float64 reference, on the shapes the models run.
+
+Error is ‖out − ref‖ / ‖ref‖ with ref = the torch reference in float64 on the same (rounded)
+inputs, so it measures the kernel's arithmetic, not the rounding of its inputs. A kernel passes
+when its error is at most 2× torch's own in that dtype plus a floor (flash-attention's rule);
+the fp32 attention also runs with TF32 dots, held to a TF32 bound instead. Outputs are
+pre-filled with NaN where the kernel takes `out=`, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kernels import reference
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# floors of relative error: fp32 arithmetic, and the unit roundoff of each 16-bit format
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+TF32_BOUND = 4e-3  # 10-bit mantissa: unit roundoff 4.9e-4, dots of 32-128 terms stay well under this
+
+NORM_SHAPES = [(4, 49, 192), (8, 256, 768), (4, 256, 1152), (3, 49, 1023)]
+# (B, H, N, Dh): MNIST DiT, DiT-B/2, DiT-XL/2, odd sizes, the largest head dim, a long sequence
+ATTN_SHAPES = [(4, 6, 49, 32), (2, 12, 256, 64), (2, 16, 256, 72), (1, 2, 77, 24), (1, 2, 130, 128),
+               (1, 4, 1024, 64)]  # fmt: skip
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _case(
+    op: str, dtype: torch.dtype, shape: tuple[int, ...], kernel: Callable[[], Any], lowp: Callable[[], Any],
+    ref64: Callable[[], Any], bound: float | None = None, note: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    row: dict[str, Any] = {"op": op, "dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+    if note:
+        row["note"] = note
+    try:
+        k, t, r = kernel(), lowp(), ref64()
+        ks, ts, rs = (x if isinstance(x, tuple) else (x,) for x in (k, t, r))
+        row["kernel_err"] = max(rel_err(a, c) for a, c in zip(ks, rs))
+        row["torch_err"] = max(rel_err(b, c) for b, c in zip(ts, rs))
+        row["bound"] = bound if bound is not None else 2 * row["torch_err"] + FLOOR[dtype]
+        row["ok"] = row["kernel_err"] <= row["bound"]
+    except Exception as e:  # one failing case must not hide the others
+        row["ok"], row["error"] = False, f"{type(e).__name__}: {e}"[:500]
+    return row
+
+
+def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
+    from kernels import triton_ops as K
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=g)
+
+    rows = []
+    for dt in DTYPES:
+        for B, N, D in NORM_SHAPES:
+            x, h = rnd(B, N, D).to(dt), rnd(B, N, D).to(dt)
+            gate, sh, sc = (rnd(B, D).to(dt) for _ in range(3))
+            d64 = [t.double() for t in (x, gate, h, sh, sc)]
+
+            def poisoned(like: torch.Tensor) -> torch.Tensor:
+                return torch.full_like(like, float("nan"))
+
+            rows.append(_case(
+                "adaln_norm", dt, (B, N, D), lambda: K.adaln_norm(x, sh, sc, out=poisoned(x)),
+                lambda: reference.adaln_norm(x, sh, sc), lambda: reference.adaln_norm(d64[0], d64[3], d64[4]),
+            ))  # fmt: skip
+            rows.append(_case(
+                "residual_adaln_norm", dt, (B, N, D), lambda: K.residual_adaln_norm(x, gate, h, sh, sc),
+                lambda: reference.residual_adaln_norm(x, gate, h, sh, sc),
+                lambda: reference.residual_adaln_norm(*d64),
+            ))  # fmt: skip
+            rows.append(_case(
+                "gated_residual", dt, (B, N, D), lambda: K.gated_residual(x, gate, h, out=poisoned(x)),
+                lambda: reference.gated_residual(x, gate, h), lambda: reference.gated_residual(d64[0], d64[1], d64[2]),
+            ))  # fmt: skip
+        for B, H, N, Dh in ATTN_SHAPES:
+            qkv = rnd(B, N, 3, H, Dh).to(dt).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, Dh], strided views
+            w = (torch.rand(Dh, device=device, generator=g) + 0.5).to(dt)
+            args = (qkv[0], qkv[1], qkv[2], w, w)
+            a64 = [t.double() for t in args]
+
+            def attn(prec: str = "ieee", a: tuple[torch.Tensor, ...] = args) -> torch.Tensor:
+                o = torch.full((a[0].shape[0], a[0].shape[2], a[0].shape[1], a[0].shape[3]), float("nan"),
+                               dtype=a[0].dtype, device=a[0].device).transpose(1, 2)  # fmt: skip
+                return K.attention(*a, out=o, fp32_precision=prec)
+
+            def ref64(a: list[torch.Tensor] = a64) -> torch.Tensor:
+                return reference.attention(*a)
+
+            def lowp(a: tuple[torch.Tensor, ...] = args) -> torch.Tensor:
+                return reference.attention(*a)
+
+            rows.append(_case("attention", dt, (B, H, N, Dh), attn, lowp, ref64))
+            if dt == torch.float32:
+                rows.append(_case(
+                    "attention", dt, (B, H, N, Dh), lambda a=args: attn("tf32", a), lowp, ref64,
+                    bound=TF32_BOUND, note="fp32_precision=tf32",
+                ))  # fmt: skip
+    return rows

@@ -1,0 +1,86 @@
+"""The markdown summary of a gpu-check report (report.json -> report.md).
+
+    python3 -m bench.gpu_report docs/gpu/report.json > docs/gpu/report.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 and v else f"{v:,.4g}"
+    return str(v)
+
+
+def _section(name: str, part: dict[str, Any]) -> list[str]:
+    res = part.get("result")
+    lines = [f"## {name}", f"exit code {part.get('rc')}, {part.get('seconds', '-')} s"]
+    if part.get("skipped"):
+        return [*lines, f"skipped: {part['skipped']}", ""]
+    if name == "env" and res:
+        lines += [f"- {k}: {v}" for k, v in res.items()]
+    elif name == "kernels" and res:
+        bad = [r for r in res if not r.get("ok")]
+        lines.append(f"{len(res) - len(bad)} of {len(res)} cases within bound")
+        lines += _table(res, ["op", "dtype", "shape", "note", "kernel_err", "torch_err", "bound", "ok", "error"])
+    elif name == "model" and res:
+        for p in res:
+            lines.append(
+                f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps: {p['params'] / 1e6:.1f} M parameters, "
+                f"{p['gflops_per_image_forward']} GFLOP per image per forward; peak {p['peak_tflops']} "
+                f"TFLOP/s; empty graph replay {p['graph_launch_us']} us"
+            )
+            lines += _table(p["rows"], ["mode", "kernels", "batch", "eager_ms", "graph_ms", "graph_speedup",
+                                        "images_per_s", "tflops", "pct_peak", "bound_ms", "x_bound",
+                                        "graph_vs_reference_rel_err", "capture_s", "error"])  # fmt: skip
+    elif name == "engine" and res:
+        for r in res.get("consistency", []):
+            lines.append(f"\n### cm-mnist {r['dtype']}: capture {r.get('capture_s')} s, "
+                         f"{r.get('capture_memory_mb')} MB reserved, batch invariance max |diff| "
+                         f"{r.get('batch_invariance_max_abs')} {r.get('error', '')}")  # fmt: skip
+            lines += _table(r.get("vs_reference", []), ["steps", "n", "max_abs", "rel_err",
+                                                        "uint8_pixels_differ", "uint8_max_diff"])  # fmt: skip
+            lines.append("")
+            lines += _table(r.get("per_bucket", []), ["steps", "batch", "served_ms", "replay_ms", "images_per_s"])
+        for r in res.get("teacher", []):
+            lines.append(f"\n### teacher {r['dtype']}: capture {r.get('capture_s')} s, replay ms per bucket "
+                         f"{r.get('replay_ms')} {r.get('error', '')}")  # fmt: skip
+            lines += _table(r.get("vs_reference", []), ["steps", "n", "max_abs", "rel_err",
+                                                        "uint8_pixels_differ", "uint8_max_diff"])  # fmt: skip
+    elif name == "quality" and res:
+        lines += _table(res, ["dtype", "seeds_from", "steps", "n", "fld", "class_accuracy"])
+    elif name == "kbench" and res:
+        cols = sorted({k for r in res for k in r})
+        lines += _table(res, cols)
+    else:
+        lines += ["```", (part.get("log") or "")[-2500:], "```"]
+    return [*lines, ""]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# gpu-check on {report.get('device')}",
+        f"{report.get('time')}, torch {report.get('torch')}; `{report.get('command')}`",
+        "",
+    ]
+    for name, part in report.get("parts", {}).items():
+        try:
+            lines += _section(name, part)
+        except Exception as e:  # a malformed part must not lose the rest of the summary
+            lines += [f"## {name}", f"(summary failed: {e})", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(json.loads(open(sys.argv[1]).read())), end="")
