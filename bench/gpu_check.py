@@ -15,6 +15,7 @@ with a time limit (a part past its limit is killed with its children, and the re
     server    `cmserve bench server --quick` on the GPU with the shipped model, against LitServe
               and a plain FastAPI endpoint
     quality   FLD and class accuracy of the served model at fp32 / bf16 / fp16
+    asweep    the attention kernel's block sizes, warps and stages swept on the models' shapes
     kbench    kernels/bench.py: each kernel's time against torch
 
 The report (`<out>/<device>.json` and `.md`) is rewritten after every part, so a run killed at its
@@ -46,6 +47,7 @@ PARTS: list[tuple[str, int]] = [
     ("pytest", 70),
     ("server", 100),
     ("quality", 50),
+    ("asweep", 120),
     ("kbench", 50),
 ]
 MIN_PART_S = 20
@@ -116,6 +118,10 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
         if dev.type != "cuda":
             return quality_check(["float32"], n=100, deadline=deadline - 5, device="cpu")
         return quality_check(["float32", "bfloat16", "float16"], deadline=deadline - 5)
+    if name == "asweep":
+        from kernels.bench import sweep_attention
+
+        return sweep_attention(str(dev), deadline=deadline - 5)
     if name == "kbench":
         from kernels.bench import run
 

@@ -60,6 +60,8 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                                                         "uint8_pixels_differ", "uint8_max_diff"])  # fmt: skip
     elif name == "quality" and res:
         lines += _table(res, ["dtype", "seeds_from", "steps", "n", "fld", "class_accuracy"])
+    elif name == "asweep" and res:
+        lines += _table(res, ["B", "H", "N", "Dh", "config", "ms", "tflops", "error"])
     elif name == "kbench" and res:
         cols = sorted({k for r in res for k in r})
         lines += _table(res, cols)

@@ -42,11 +42,18 @@ def triton_available() -> bool:
     return True
 
 
-def backend_for(x: torch.Tensor) -> str:
-    """'triton' or 'reference': which implementation an op on `x` will run."""
+def backend_for(x: torch.Tensor, op: str = "") -> str:
+    """'triton' or 'reference': which implementation `op` on `x` will run.
+
+    fp32 attention on CUDA runs torch's: with IEEE-exact fp32 dots (no TF32) the Triton kernel
+    runs on the FMA units and was 3-37x slower than torch's fp32 attention on an H100
+    (docs/performance.md); the kernel stays the path for bf16/fp16, where it wins.
+    """
     if _force_reference:
         return "reference"
-    if _force_triton or (x.is_cuda and triton_available()):
+    if _force_triton:
+        return "triton"
+    if x.is_cuda and triton_available() and not (op == "attention" and x.dtype == torch.float32):
         return "triton"
     return "reference"
 
@@ -55,7 +62,7 @@ def _dispatch(name: str) -> Callable[..., Any]:
     ref = getattr(reference, name)
 
     def op(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if backend_for(x) == "triton":
+        if backend_for(x, name) == "triton":
             from kernels import triton_ops  # imported lazily: triton is optional on the CPU
 
             return getattr(triton_ops, name)(x, *args, **kwargs)

@@ -122,6 +122,7 @@ def attention(
     eps: float = 1e-6,
     out: torch.Tensor | None = None,
     fp32_precision: str = "ieee",
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """q, k, v: [B, H, N, Dh] (any strides, last dim contiguous) -> [B, H, N, Dh].
 
@@ -129,6 +130,7 @@ def attention(
     fp32; 'tf32' runs them on the tensor cores with a 10-bit mantissa (relative error ~1e-3),
     Triton's own default and what an fp32 `tl.dot` silently does on NVIDIA GPUs. Ignored for
     bf16/fp16, which always use the tensor cores.
+    config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default choice (benchmarks).
 
     The default output is a [B, H, N, Dh] view of a contiguous [B, N, H, Dh] buffer, so the
     caller's transpose(1, 2).reshape(B, N, H*Dh) costs nothing.
@@ -152,6 +154,10 @@ def attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = out if out is not None else torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
     block_m, block_n, block_d, warps = _blocks(N, Dh)
+    stages = {}
+    if config is not None:
+        block_m, block_n, warps, n_stages = config
+        stages = {"num_stages": n_stages}
     qk_norm = q_weight is not None
     qw = q_weight if qk_norm else q
     kw = k_weight if qk_norm else q
@@ -195,5 +201,6 @@ def attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=warps,
+        **stages,
     )
     return o

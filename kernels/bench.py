@@ -18,10 +18,10 @@ import torch
 from kernels import reference
 
 
-def _bench(fn: Callable[[], Any]) -> float:
+def _bench(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=100))  # ms
+    return float(do_bench(fn, warmup=warmup, rep=rep))  # ms
 
 
 def bench_norm(device: str, dtype: torch.dtype, rows: int, D: int) -> dict[str, Any]:
@@ -54,6 +54,42 @@ def bench_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
     out["torch_ms"] = _bench(lambda: reference.attention(q, k, v, w, w))
     out["triton_tflops"], out["torch_tflops"] = flops / out["triton_ms"] / 1e9, flops / out["torch_ms"] / 1e9
     return out
+
+
+# (B, H, N, Dh) of the models' attention: MNIST DiT at batch 64, DiT-B/2 at 128, DiT-XL/2 at 32
+SWEEP_SHAPES = [(128, 12, 256, 64), (32, 16, 256, 72), (64, 6, 49, 32)]
+
+
+def sweep_attention(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, deadline: float = float("inf")
+) -> list[dict[str, Any]]:
+    """Time the attention kernel over (BLOCK_M, BLOCK_N, num_warps, num_stages) per model shape,
+    beside the default choice and torch; stops at `deadline` (time.monotonic)."""
+    import time
+
+    from kernels.attention_kernel import attention
+
+    rows: list[dict[str, Any]] = []
+    for B, H, N, Dh in SWEEP_SHAPES:
+        q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype) for _ in range(3))
+        w = torch.rand(Dh, device=device, dtype=dtype) + 0.5
+        flops = 4 * B * H * N * N * Dh
+        ms, ns, wps = ((32, 64), (32, 64), (4,)) if N <= 64 else ((64, 128), (32, 64, 128), (4, 8))
+        configs: list[tuple[int, int, int, int] | None] = [None]
+        configs += [(m, n, wp, st) for m in ms for n in ns for wp in wps for st in (2, 3)]
+        base = {"dtype": str(dtype), "B": B, "H": H, "N": N, "Dh": Dh}
+        rows.append({**base, "config": "torch", "ms": _bench(lambda: reference.attention(q, k, v, w, w))})
+        for cfg in configs:
+            if time.monotonic() > deadline:
+                return rows
+            row: dict[str, Any] = {**base, "config": "default" if cfg is None else list(cfg)}
+            try:
+                row["ms"] = _bench(lambda cfg=cfg: attention(q, k, v, w, w, config=cfg), 5, 25)
+                row["tflops"] = round(flops / row["ms"] / 1e9, 1)
+            except Exception as e:  # out of shared memory or registers: record, go on
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+    return rows
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:

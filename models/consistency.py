@@ -45,10 +45,20 @@ class TrigFlow(nn.Module):
         super().__init__()
         self.net = net
         self.sigma_d = sigma_d
+        self.compute_dtype = torch.float32
+
+    def cast_network(self, dtype: torch.dtype) -> TrigFlow:
+        """Cast F's weights to `dtype` once (at load), so no forward re-casts them. Only F runs in
+        `dtype`: its input is cast on the way in and its output back to x's dtype, so the
+        skip path cos(t)·x_t and the samplers' state stay fp32."""
+        self.net.to(dtype)
+        self.compute_dtype = dtype
+        return self
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """σ_d·F(x_t/σ_d, t, y): the PF-ODE dx/dt. x_t: [B, C, H, W]; t: [B] fp32; y: [B]."""
-        return self.sigma_d * self.net(x_t / self.sigma_d, t, y)
+        F = self.net((x_t / self.sigma_d).to(self.compute_dtype), t, y)
+        return self.sigma_d * F.to(x_t.dtype)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """f(x_t, t, y): the consistency function, also the diffusion model's x0 estimate."""

@@ -96,7 +96,9 @@ class Engine:
         )
         if use_graphs and self.device.type != "cuda":
             raise RuntimeError("backend 'graph' needs a CUDA device")
-        dtype = getattr(torch, settings.dtype) if self.device.type == "cuda" else torch.float32
+        dtype = torch.float32
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
         self.runner = SamplerRunner(
             self.model,
             self.card,

@@ -30,8 +30,10 @@ class Settings(BaseSettings):
         "auto",
         description="Runner backend: 'graph' = CUDA graphs (CUDA only); 'auto': graph on CUDA, else eager.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype on CUDA (CPU: float32)."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute dtype of the network on CUDA; 'auto' = bfloat16 there (its FLD and class "
+        "accuracy match float32's), float32 on the CPU, which always computes in float32.",
     )
     buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
