@@ -33,9 +33,9 @@ ops-tools: $(VENV)/.test
 	deploy/install-tools.sh $(VENV)
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check server kernels models tests deploy
-	$(VENV)/bin/ruff format --check server kernels models tests deploy
-	$(VENV)/bin/mypy server kernels models
+	$(VENV)/bin/ruff check server kernels models bench tests deploy
+	$(VENV)/bin/ruff format --check server kernels models bench tests deploy
+	$(VENV)/bin/mypy server kernels models bench
 
 # the shipped model: the teacher phase, then consistency tuning from the exported teacher
 train: $(VENV)/.test
@@ -65,8 +65,6 @@ GPU_PY    ?= python3
 GPU_SITE  ?= /tmp/cmserve-site
 GPU_OUT   ?= docs/gpu
 GPU_BUDGET ?= 540
-GPU_WHEELS = fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection \
-             typing-extensions pydantic-settings python-dotenv uvicorn opentelemetry-api litserve pyzmq mlxtend
 
 gpu-check:
 	if ls .whl/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
@@ -74,12 +72,9 @@ gpu-check:
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) TRITON_INTERPRET=0 $(GPU_PY) -m bench.gpu_check --out $(GPU_OUT) \
 		--budget $(GPU_BUDGET)
 
-# manylinux wheels for CPython 3.12 (the GPU hosts' Python) of what those hosts lack
+# manylinux wheels for CPython 3.12 (the GPU hosts' Python) of what those hosts lack, checked complete
 gpu-wheels:
-	mkdir -p .whl
-	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	python3 -m bench.gpu_wheels --dir .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

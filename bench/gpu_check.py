@@ -61,7 +61,11 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
         from bench.roofline import datasheet, measure_peaks
 
         name_ = torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor()
-        info: dict[str, Any] = {"device": name_, "torch": torch.__version__, "python": platform.python_version()}
+        info: dict[str, Any] = {
+            "device": name_,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
         try:
             import triton
 
@@ -71,13 +75,16 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
         if dev.type == "cuda":
             p = torch.cuda.get_device_properties(dev)
             info.update(sms=p.multi_processor_count, memory_gb=round(p.total_memory / 2**30, 1))
+            query = "driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu"
             smi = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu",
-                 "--format=csv"], capture_output=True, text=True, timeout=20,
-            )  # fmt: skip
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             info["nvidia_smi"] = smi.stdout.strip()
         info["datasheet"] = datasheet(name_)
-        info["measured"] = {k: round(v, 2) for k, v in measure_peaks(dev).items()}
+        info["measured"] = {k: round(v, 3) for k, v in measure_peaks(dev).items()}
         return info
     if name == "kernels":
         from bench.gpu_kernels import check
@@ -110,8 +117,11 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
     if name == "engine":
         from bench.gpu_engine import check as engine_check
 
-        return engine_check(["bfloat16", "float32", "float16"] if dev.type == "cuda" else ["float32"],
-                            deadline=deadline - 5, device=dev.type)
+        return engine_check(
+            ["bfloat16", "float32", "float16"] if dev.type == "cuda" else ["float32"],
+            deadline=deadline - 5,
+            device=dev.type,
+        )
     if name == "quality":
         from bench.gpu_quality import check as quality_check
 
@@ -197,12 +207,14 @@ def main() -> None:
         return
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
-        print("gpu-check: no CUDA device here (torch %s): nothing to run" % torch.__version__, file=sys.stderr)
+        print(f"gpu-check: no CUDA device here (torch {torch.__version__}): nothing to run", file=sys.stderr)
         sys.exit(1)
     t_end = time.monotonic() + args.budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work) if args.work else Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-{os.getpid()}"
+    work = (
+        Path(args.work) if args.work else Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu-check-{os.getpid()}"
+    )
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TRITON_INTERPRET": "0" if cuda else "1", "PYTHONUNBUFFERED": "1"}
     report: dict[str, Any] = {

@@ -1,7 +1,8 @@
-"""Every Triton kernel against a float64 reference, on the shapes the models run.
+"""Every Triton kernel against a high-precision reference, on the shapes the models run.
 
-Error is ‖out − ref‖ / ‖ref‖ with ref = the torch reference in float64 on the same (rounded)
-inputs, so it measures the kernel's arithmetic, not the rounding of its inputs. A kernel passes
+Error is ‖out − ref‖ / ‖ref‖ with ref = the torch reference on the same (rounded) inputs
+upcast to float64 (its norms compute their statistics in fp32 whatever the input), so it
+measures the kernel's arithmetic, not the rounding of its inputs. A kernel passes
 when its error is at most 2× torch's own in that dtype plus a floor (flash-attention's rule);
 the fp32 attention also runs with TF32 dots, held to a TF32 bound instead. Outputs are
 pre-filled with NaN where the kernel takes `out=`, so an unwritten element fails.
@@ -52,8 +53,58 @@ def _case(
     return row
 
 
-def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
+def _norm_cases(
+    dt: torch.dtype, x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, sh: torch.Tensor, sc: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The three norm kernels on one input set ([B, N, D] x, h; [B, D] gate, shift, scale)."""
     from kernels import triton_ops as K
+
+    d64 = [t.double() for t in (x, gate, h, sh, sc)]
+    shape = tuple(x.shape)
+
+    def poisoned() -> torch.Tensor:
+        return torch.full_like(x, float("nan"))
+
+    return [
+        _case("adaln_norm", dt, shape, lambda: K.adaln_norm(x, sh, sc, out=poisoned()),
+              lambda: reference.adaln_norm(x, sh, sc), lambda: reference.adaln_norm(d64[0], d64[3], d64[4])),
+        _case("residual_adaln_norm", dt, shape, lambda: K.residual_adaln_norm(x, gate, h, sh, sc),
+              lambda: reference.residual_adaln_norm(x, gate, h, sh, sc),
+              lambda: reference.residual_adaln_norm(d64[0], d64[1], d64[2], d64[3], d64[4])),
+        _case("gated_residual", dt, shape, lambda: K.gated_residual(x, gate, h, out=poisoned()),
+              lambda: reference.gated_residual(x, gate, h),
+              lambda: reference.gated_residual(d64[0], d64[1], d64[2])),
+    ]  # fmt: skip
+
+
+def _attention_cases(
+    dt: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The attention kernel (QK-norm weight w for both) on one input set; fp32 twice: IEEE
+    dots against the usual bound, TF32 dots against TF32_BOUND."""
+    from kernels import triton_ops as K
+
+    B, H, N, Dh = q.shape
+    q64, k64, v64, w64 = (t.double() for t in (q, k, v, w))
+
+    def attn(prec: str) -> torch.Tensor:
+        o = torch.full((B, N, H, Dh), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
+        return K.attention(q, k, v, w, w, out=o, fp32_precision=prec)
+
+    def ref64() -> torch.Tensor:
+        return reference.attention(q64, k64, v64, w64, w64)
+
+    def lowp() -> torch.Tensor:
+        return reference.attention(q, k, v, w, w)
+
+    rows = [_case("attention", dt, (B, H, N, Dh), lambda: attn("ieee"), lowp, ref64)]
+    if dt == torch.float32:
+        rows.append(_case("attention", dt, (B, H, N, Dh), lambda: attn("tf32"), lowp, ref64,
+                          bound=TF32_BOUND, note="fp32_precision=tf32"))  # fmt: skip
+    return rows
+
+
+def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
 
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -65,45 +116,9 @@ def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
         for B, N, D in NORM_SHAPES:
             x, h = rnd(B, N, D).to(dt), rnd(B, N, D).to(dt)
             gate, sh, sc = (rnd(B, D).to(dt) for _ in range(3))
-            d64 = [t.double() for t in (x, gate, h, sh, sc)]
-
-            def poisoned(like: torch.Tensor) -> torch.Tensor:
-                return torch.full_like(like, float("nan"))
-
-            rows.append(_case(
-                "adaln_norm", dt, (B, N, D), lambda: K.adaln_norm(x, sh, sc, out=poisoned(x)),
-                lambda: reference.adaln_norm(x, sh, sc), lambda: reference.adaln_norm(d64[0], d64[3], d64[4]),
-            ))  # fmt: skip
-            rows.append(_case(
-                "residual_adaln_norm", dt, (B, N, D), lambda: K.residual_adaln_norm(x, gate, h, sh, sc),
-                lambda: reference.residual_adaln_norm(x, gate, h, sh, sc),
-                lambda: reference.residual_adaln_norm(*d64),
-            ))  # fmt: skip
-            rows.append(_case(
-                "gated_residual", dt, (B, N, D), lambda: K.gated_residual(x, gate, h, out=poisoned(x)),
-                lambda: reference.gated_residual(x, gate, h), lambda: reference.gated_residual(d64[0], d64[1], d64[2]),
-            ))  # fmt: skip
+            rows += _norm_cases(dt, x, gate, h, sh, sc)
         for B, H, N, Dh in ATTN_SHAPES:
             qkv = rnd(B, N, 3, H, Dh).to(dt).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, Dh], strided views
             w = (torch.rand(Dh, device=device, generator=g) + 0.5).to(dt)
-            args = (qkv[0], qkv[1], qkv[2], w, w)
-            a64 = [t.double() for t in args]
-
-            def attn(prec: str = "ieee", a: tuple[torch.Tensor, ...] = args) -> torch.Tensor:
-                o = torch.full((a[0].shape[0], a[0].shape[2], a[0].shape[1], a[0].shape[3]), float("nan"),
-                               dtype=a[0].dtype, device=a[0].device).transpose(1, 2)  # fmt: skip
-                return K.attention(*a, out=o, fp32_precision=prec)
-
-            def ref64(a: list[torch.Tensor] = a64) -> torch.Tensor:
-                return reference.attention(*a)
-
-            def lowp(a: tuple[torch.Tensor, ...] = args) -> torch.Tensor:
-                return reference.attention(*a)
-
-            rows.append(_case("attention", dt, (B, H, N, Dh), attn, lowp, ref64))
-            if dt == torch.float32:
-                rows.append(_case(
-                    "attention", dt, (B, H, N, Dh), lambda a=args: attn("tf32", a), lowp, ref64,
-                    bound=TF32_BOUND, note="fp32_precision=tf32",
-                ))  # fmt: skip
+            rows += _attention_cases(dt, qkv[0], qkv[1], qkv[2], w)
     return rows

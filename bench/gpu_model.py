@@ -16,14 +16,21 @@ import torch
 
 import kernels
 from bench.roofline import wall_median
-from models.config import PRESETS
+from models.config import PRESETS, DiTConfig
 from models.consistency import DEFAULT_SCHEDULES, SIGMA_D, TrigFlow
 from models.placeholder import random_dit
 from models.sampler import consistency_sample
 
 
 def sampler_fn(
-    model: TrigFlow, batch: int, steps: int, dtype: torch.dtype, mode: str, device: torch.device, seed: int = 0
+    model: TrigFlow,
+    a: DiTConfig,
+    batch: int,
+    steps: int,
+    dtype: torch.dtype,
+    mode: str,
+    device: torch.device,
+    seed: int = 0,
 ) -> tuple[Callable[[], None], torch.Tensor]:
     """A zero-argument sampler over static buffers -> (fn, out [batch, C, H, W] fp32).
 
@@ -32,7 +39,6 @@ def sampler_fn(
     under torch.autocast without its weight cache (what a captured graph can hold), so every
     forward re-casts every weight.
     """
-    a = model.net.cfg  # type: ignore[union-attr]
     g = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn((steps, batch, a.channels, a.image_size, a.image_size), device=device, generator=g)
     labels = torch.randint(0, a.num_classes, (batch,), device=device, generator=g)
@@ -55,14 +61,19 @@ def graph_launch_s(device: torch.device) -> float:
     from server import cuda_graphs
 
     x = torch.zeros(1, device=device)
-    g = cuda_graphs.capture(lambda: x.add_(1), cuda_graphs.new_pool())
+
+    def tiny() -> None:
+        x.add_(1)
+
+    g = cuda_graphs.capture(tiny, cuda_graphs.new_pool())
     return wall_median(g.replay, device, 0.3)
 
 
 def bench_preset(
     preset: str, dtype: torch.dtype, batches: list[int], device: torch.device, peak_tflops: float,
-    copy_tbps: float, steps: int = 2, modes: tuple[str, ...] = ("cast",), kernel_sets: tuple[str, ...] = ("triton", "reference"),
-    budget_s: float = 0.3, deadline: float = float("inf"),
+    copy_tbps: float, steps: int = 2, modes: tuple[str, ...] = ("cast",),
+    kernel_sets: tuple[str, ...] = ("triton", "reference"), budget_s: float = 0.3,
+    deadline: float = float("inf"),
 ) -> dict[str, Any]:  # fmt: skip
     """Per (mode, kernels, batch): eager and graph latency of a `steps`-step batch, images/s and
     TFLOP/s; graph output checked against eager reference ops. Stops adding rows at `deadline`."""
@@ -80,7 +91,7 @@ def bench_preset(
         "steps": steps,
         "params": params,
         "gflops_per_image_forward": round(flops / 1e9, 3),
-        "peak_tflops": round(peak_tflops, 1),
+        "peak_tflops": round(peak_tflops, 3),
         "graph_launch_us": round(launch * 1e6, 1),
         "rows": [],
     }
@@ -103,7 +114,7 @@ def bench_preset(
                         return res
                     row: dict[str, Any] = {"mode": mode, "kernels": kset, "batch": b}
                     try:
-                        fn, out = sampler_fn(models[mode], b, steps, dtype, mode, device)
+                        fn, out = sampler_fn(models[mode], cfg, b, steps, dtype, mode, device)
                         t0 = time.perf_counter()
                         graph = cuda_graphs.capture(fn, cuda_graphs.new_pool()) if cuda else None
                         row["capture_s"] = round(time.perf_counter() - t0, 3)

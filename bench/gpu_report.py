@@ -1,6 +1,6 @@
 """The markdown summary of a gpu-check report (report.json -> report.md).
 
-    python3 -m bench.gpu_report docs/gpu/report.json > docs/gpu/report.md
+python3 -m bench.gpu_report docs/gpu/report.json > docs/gpu/report.md
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
     elif name == "kernels" and res:
         bad = [r for r in res if not r.get("ok")]
         lines.append(f"{len(res) - len(bad)} of {len(res)} cases within bound")
-        lines += _table(res, ["op", "dtype", "shape", "note", "kernel_err", "torch_err", "bound", "ok", "error"])
+        lines += _table(
+            res, ["op", "dtype", "shape", "note", "kernel_err", "torch_err", "bound", "ok", "error"]
+        )
     elif name == "model" and res:
         for p in res:
             lines.append(
-                f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps: {p['params'] / 1e6:.1f} M parameters, "
-                f"{p['gflops_per_image_forward']} GFLOP per image per forward; peak {p['peak_tflops']} "
-                f"TFLOP/s; empty graph replay {p['graph_launch_us']} us"
+                f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps: {p['params'] / 1e6:.1f} M "
+                f"parameters, {p['gflops_per_image_forward']} GFLOP per image per forward; "
+                f"peak {p['peak_tflops']} TFLOP/s; empty graph replay {p['graph_launch_us']} us"
             )
             lines += _table(p["rows"], ["mode", "kernels", "batch", "eager_ms", "graph_ms", "graph_speedup",
                                         "images_per_s", "tflops", "pct_peak", "bound_ms", "x_bound",
@@ -52,7 +54,9 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
             lines += _table(r.get("vs_reference", []), ["steps", "n", "max_abs", "rel_err",
                                                         "uint8_pixels_differ", "uint8_max_diff"])  # fmt: skip
             lines.append("")
-            lines += _table(r.get("per_bucket", []), ["steps", "batch", "served_ms", "replay_ms", "images_per_s"])
+            lines += _table(
+                r.get("per_bucket", []), ["steps", "batch", "served_ms", "replay_ms", "images_per_s"]
+            )
         for r in res.get("teacher", []):
             lines.append(f"\n### teacher {r['dtype']}: capture {r.get('capture_s')} s, replay ms per bucket "
                          f"{r.get('replay_ms')} {r.get('error', '')}")  # fmt: skip
@@ -85,4 +89,5 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    print(markdown(json.loads(open(sys.argv[1]).read())), end="")
+    with open(sys.argv[1]) as fh:
+        print(markdown(json.load(fh)), end="")

@@ -46,7 +46,7 @@ def backend_for(x: torch.Tensor, op: str = "") -> str:
     """'triton' or 'reference': which implementation `op` on `x` will run.
 
     fp32 attention on CUDA runs torch's: with IEEE-exact fp32 dots (no TF32) the Triton kernel
-    runs on the FMA units and was 3-37x slower than torch's fp32 attention on an H100
+    runs on the FMA units and was 1.3-37x slower than torch's fp32 attention on an H100
     (docs/performance.md); the kernel stays the path for bf16/fp16, where it wins.
     """
     if _force_reference:

@@ -9,6 +9,7 @@ timed with `triton.testing.do_bench` (warm-up, then the median of many runs, syn
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -78,13 +79,14 @@ def sweep_attention(
         configs: list[tuple[int, int, int, int] | None] = [None]
         configs += [(m, n, wp, st) for m in ms for n in ns for wp in wps for st in (2, 3)]
         base = {"dtype": str(dtype), "B": B, "H": H, "N": N, "Dh": Dh}
-        rows.append({**base, "config": "torch", "ms": _bench(lambda: reference.attention(q, k, v, w, w))})
+        ref = functools.partial(reference.attention, q, k, v, w, w)
+        rows.append({**base, "config": "torch", "ms": _bench(ref)})
         for cfg in configs:
             if time.monotonic() > deadline:
                 return rows
             row: dict[str, Any] = {**base, "config": "default" if cfg is None else list(cfg)}
             try:
-                row["ms"] = _bench(lambda cfg=cfg: attention(q, k, v, w, w, config=cfg), 5, 25)
+                row["ms"] = _bench(functools.partial(attention, q, k, v, w, w, config=cfg), 5, 25)
                 row["tflops"] = round(flops / row["ms"] / 1e9, 1)
             except Exception as e:  # out of shared memory or registers: record, go on
                 row["error"] = f"{type(e).__name__}: {e}"[:200]

@@ -75,8 +75,10 @@ PRESETS: dict[str, DiTConfig] = {
     "tiny": DiTConfig(patch_size=7, width=32, depth=2, num_heads=2),
     # GPU-sized, for speed (random weights): DiT-B/2 and DiT-XL/2 (Peebles & Xie 2023) on 32x32x4
     # latents (a 256x256 image through an SD-style VAE): 256 tokens, head dims 64 and 72.
-    "dit-b2": DiTConfig(image_size=32, channels=4, patch_size=2, width=768, depth=12, num_heads=12,
-                        num_classes=1000),
-    "dit-xl2": DiTConfig(image_size=32, channels=4, patch_size=2, width=1152, depth=28, num_heads=16,
-                         num_classes=1000),
+    "dit-b2": DiTConfig(
+        image_size=32, channels=4, patch_size=2, width=768, depth=12, num_heads=12, num_classes=1000
+    ),
+    "dit-xl2": DiTConfig(
+        image_size=32, channels=4, patch_size=2, width=1152, depth=28, num_heads=16, num_classes=1000
+    ),
 }

@@ -33,11 +33,6 @@ class Slot:
     out: torch.Tensor  # [bucket, C, H, W] fp32
     fn: Callable[[], None]
     graph: Any = None
-    # CUDA only: page-locked host copies of noise, labels and out, allocated once, so each batch
-    # copies asynchronously and never pins memory on the fly
-    host_noise: torch.Tensor | None = None
-    host_labels: torch.Tensor | None = None
-    host_out: torch.Tensor | None = None
 
 
 class SamplerRunner:
@@ -95,12 +90,7 @@ class SamplerRunner:
         def fn() -> None:
             out.copy_(sample())
 
-        slot = Slot(bucket, steps, noise, labels, times, out, fn)
-        if dev.type == "cuda":
-            slot.host_noise = torch.zeros(noise.shape, pin_memory=True)
-            slot.host_labels = torch.empty(labels.shape, dtype=torch.long, pin_memory=True)
-            slot.host_out = torch.empty(out.shape, pin_memory=True)
-        return slot
+        return Slot(bucket, steps, noise, labels, times, out, fn)
 
     def warmup(self, steps_list: list[int]) -> None:
         """Build every slot, run each once, and on CUDA capture it (largest bucket first)."""
@@ -163,29 +153,21 @@ class SamplerRunner:
         """
         B = labels.shape[0]
         out = torch.empty((B, *self.image_shape), dtype=torch.float32)
+        if self.device.type == "cuda":
+            # page-locked for the async copies; pin_memory() draws on torch's caching host
+            # allocator, so this costs a copy, not an allocation. (Slot-owned pinned staging
+            # buffers were tried and measured no faster on an H100: docs/performance.md.)
+            noise, labels = noise.pin_memory(), labels.pin_memory()
         top = self.buckets[-1]
         for start in range(0, B, top):
             n = min(top, B - start)
             slot = self.slots[(self.bucket_for(n), steps)]
-            if slot.host_out is None:  # CPU: the static buffers are host memory
-                slot.noise[:, :n].copy_(noise[:, start : start + n])
-                slot.labels[:n].copy_(labels[start : start + n])
+            slot.noise[:, :n].copy_(noise[:, start : start + n], non_blocking=True)
+            slot.labels[:n].copy_(labels[start : start + n], non_blocking=True)
+            if n < slot.bucket:
                 slot.labels[n:].fill_(self.null_class)
-                self._execute(slot)
-                out[start : start + n].copy_(slot.out[:n])
-            else:
-                assert slot.host_noise is not None and slot.host_labels is not None
-                # stage in pinned memory, then one async copy each way around the replay and a
-                # single wait; padding rows keep stale noise (rows are independent)
-                slot.host_noise[:, :n].copy_(noise[:, start : start + n])
-                slot.host_labels[:n].copy_(labels[start : start + n])
-                slot.host_labels[n:].fill_(self.null_class)
-                slot.noise.copy_(slot.host_noise, non_blocking=True)
-                slot.labels.copy_(slot.host_labels, non_blocking=True)
-                self._execute(slot)
-                slot.host_out.copy_(slot.out, non_blocking=True)
-                torch.cuda.current_stream(self.device).synchronize()
-                out[start : start + n].copy_(slot.host_out[:n])
+            self._execute(slot)
+            out[start : start + n].copy_(slot.out[:n])  # device -> host; synchronizes
             self.metrics.padded_rows.inc(slot.bucket - n)
             self.metrics.computed_rows.inc(slot.bucket)
         return out

@@ -7,7 +7,7 @@ import kernels
 from kernels import reference
 from tests.kernels.conftest import DTYPES, LAUNCHES, assert_close_to_fp32
 
-# (B, H, N, Dh): sequence lengths 1, 49 (the model), 77, 257; head dims 16..128 incl. 24, 40, 80
+# (B, H, N, Dh): sequence lengths 1, 49 (the model), 77, 150, 257; head dims 16..128 incl. 24, 40, 72, 80
 CASES = [
     (2, 3, 1, 16),
     (2, 6, 49, 32),
@@ -16,6 +16,7 @@ CASES = [
     (1, 1, 33, 128),
     (2, 2, 49, 40),
     (1, 2, 20, 80),
+    (1, 2, 150, 72),  # DiT-XL/2's head dim; 128-query blocks: one full and a tail of 22
 ]
 
 

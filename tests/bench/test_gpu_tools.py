@@ -1,0 +1,132 @@
+"""What of the GPU tooling runs without a GPU: the presets' FLOPs, the roofline ceilings, the
+gpu-check harness (its refusal, its parts and report, its kill on timeout) and the wheel set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import gpu_check, gpu_wheels
+from bench.roofline import datasheet, measure_peaks
+from models.config import PRESETS
+from models.consistency import SIGMA_D, TrigFlow
+from models.placeholder import random_dit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mnist-s"])
+def test_flops_formula_matches_counted_flops(preset: str) -> None:
+    """The config's FLOPs per image against torch's own count of the matmuls, convolutions and
+    attention of one forward pass (norms and elementwise ops, which the formula leaves out, are
+    not counted by torch either)."""
+    cfg = PRESETS[preset]
+    net = random_dit(preset).eval()
+    B = 3
+    x = torch.randn(B, cfg.channels, cfg.image_size, cfg.image_size)
+    # the math backend runs attention as matmuls, which the counter sees (the CPU's fused
+    # attention op is not in its table)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        net(x, torch.rand(B), torch.randint(0, cfg.num_classes, (B,)))
+    counted = counter.get_total_flops() / B
+    assert abs(counted - cfg.flops_per_image()) / counted < 0.01, (counted, cfg.flops_per_image())
+
+
+def test_gpu_presets_match_the_dit_paper() -> None:
+    # Peebles & Xie 2023, Table 1: DiT-B/2 23.01 and DiT-XL/2 118.64 G multiply-adds at 256x256
+    assert PRESETS["dit-b2"].flops_per_image() / 2e9 == pytest.approx(23.01, rel=0.01)
+    assert PRESETS["dit-xl2"].flops_per_image() / 2e9 == pytest.approx(118.64, rel=0.01)
+    assert PRESETS["dit-b2"].num_tokens == 256 and PRESETS["dit-xl2"].head_dim == 72
+    net = TrigFlow(random_dit("dit-b2"), SIGMA_D)
+    params = sum(p.numel() for p in net.parameters())
+    assert 125e6 < params < 136e6  # the paper's 130 M, plus the class table of 1,001 rows
+
+
+def test_datasheet_lookup_and_cpu_peaks() -> None:
+    assert datasheet("NVIDIA H100 80GB HBM3")["tflops"]["bfloat16"] == pytest.approx(989.4)
+    assert datasheet("NVIDIA H100 PCIe")["match"] == "H100 PCIe"
+    assert datasheet("NVIDIA H200")["tbps"] == pytest.approx(4.8)
+    assert datasheet("Some CPU") is None
+    peaks = measure_peaks(torch.device("cpu"), size=256)
+    assert peaks["float32"] > 0 and peaks["copy_tbps"] > 0
+
+
+def test_gpu_check_refuses_without_cuda(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 1
+    assert "no CUDA device" in p.stderr
+    assert not list(tmp_path.iterdir())  # no report that could pass for a GPU run
+
+
+def test_gpu_check_harness_on_cpu(tmp_path: Path) -> None:
+    """--allow-cpu runs the parts that can run here and writes the report with the roofline
+    columns against the CPU's measured peak."""
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--parts", "env,model",
+         "--budget", "200", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=260,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    env = report["parts"]["env"]["result"]
+    assert env["measured"]["float32"] > 0 and env["datasheet"] is None
+    (model,) = report["parts"]["model"]["result"]
+    assert model["preset"] == "mnist-s" and model["peak_tflops"] == pytest.approx(
+        env["measured"]["float32"], abs=0.006
+    )
+    rows = model["rows"]
+    assert {r["batch"] for r in rows} == {1, 8} and all("error" not in r for r in rows)
+    assert all(r["tflops"] > 0 and r["x_bound"] >= 1 for r in rows)
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "## model" in md and "pct_peak" in md
+
+
+def test_part_past_its_limit_is_killed_with_its_children(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(60)\n"
+    )
+    t0 = time.monotonic()
+    rc, log = gpu_check._spawn([sys.executable, "-c", script], 3.0, dict(os.environ))
+    assert rc == 124 and "killed after 3 s" in log
+    assert time.monotonic() - t0 < 20
+    child = int(pidfile.read_text())
+    time.sleep(0.2)
+    status = Path(f"/proc/{child}/status")
+    # gone, or a zombie waiting for init to reap it: either way no longer running
+    assert not status.exists() or "State:\tZ" in status.read_text()
+
+
+def test_wheel_set_check_finds_a_missing_requirement(tmp_path: Path) -> None:
+    have = sorted((ROOT / ".whl").glob("*.whl")) if (ROOT / ".whl").is_dir() else []
+    if not have:
+        subprocess.run([sys.executable, "-m", "bench.gpu_wheels", "--dir", str(tmp_path / "all")], check=True,
+                       timeout=300)  # fmt: skip
+        have = sorted((tmp_path / "all").glob("*.whl"))
+    assert gpu_wheels.missing(have[0].parent) == {}
+    assert {gpu_wheels.wheel_name(w) for w in have} >= set(map(gpu_wheels.normalize, gpu_wheels.WHEELS))
+    part = tmp_path / "part"
+    part.mkdir()
+    for w in have:
+        if gpu_wheels.wheel_name(w) != "pydantic-core":
+            shutil.copy(w, part)
+    gaps = gpu_wheels.missing(part)
+    assert any("pydantic-core" in lack for lack in gaps.values()), gaps
