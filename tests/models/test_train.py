@@ -86,9 +86,42 @@ def test_eval_quick_runs_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
         ("real", 0),
     ]
     for r in rows:
-        assert set(r) == {"sampler", "steps", "fld", "class_accuracy", "ms_per_image", "num_samples"}
+        assert set(r) == {"sampler", "steps", "guidance", "fld", "class_accuracy", "ms_per_image", "num_samples"}
         assert r["num_samples"] == 100 and r["fld"] >= 0 and 0 <= r["class_accuracy"] <= 1
     real = rows[-1]
     assert real["class_accuracy"] > 0.9  # the classifier on held-out real digits
     assert rows[1]["fld"] > 3 * real["fld"]  # an untrained model is far from the data
     assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_consistency_distillation_moves_toward_the_guided_teacher(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """CD from a guided teacher: the loss is finite, the student's weights move from where they
+    started, and the export records the recipe and the guidance; the target depends on w."""
+    cd = {
+        "distill": "cd",
+        "cd_teacher": str(tiny_ckpt),
+        "cd_guidance": 3.0,
+        "ect_steps": 4,
+        "sample_every": 0,
+    }
+    trainer = run("tiny", str(tmp_path / "cd"), cd, from_teacher=str(tiny_ckpt))
+    start, _ = load_checkpoint(tiny_ckpt)
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(trainer.model.parameters(), start.parameters()))
+    assert moved > 0
+    _, card = load_checkpoint(tmp_path / "cd" / "consistency")
+    assert card.kind == "consistency" and "w = 3.0" in card.provenance["recipe"]
+    assert card.provenance["train_config"]["distill"] == "cd"
+    x = torch.randn(4, 1, 28, 28)
+    t, y = torch.full((4,), 1.0), torch.tensor([1, 2, 3, 10])
+    teacher = trainer.cd_teacher
+    assert teacher is not None
+    v1, v3 = teacher.guided_velocity(x, t, y, 1.0), teacher.guided_velocity(x, t, y, 3.0)
+    assert (v1[:3] - v3[:3]).abs().max() > 1e-4  # guidance changes labelled rows
+    assert torch.allclose(v1[3], v3[3], atol=1e-5)  # and leaves the null class alone
+
+
+def test_distill_must_be_known(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="distill"):
+        run("tiny", str(tmp_path / "x"), {"distill": "sct"})

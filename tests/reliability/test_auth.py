@@ -63,7 +63,7 @@ def test_api_keys_limits_and_cors(tiny_ckpt: Path, tmp_path: Path) -> None:
             headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
         )
         assert "access-control-allow-origin" not in pre.headers
-        assert sp.metric("cmserve_requests_total", 'code="401"') == 5
+        assert sp.metric("cmserve_requests_total", code="401") == 5
 
 
 def test_protected_ops_endpoints_and_configured_cors(tiny_ckpt: Path, tmp_path: Path) -> None:

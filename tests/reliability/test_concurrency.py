@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.loadgen import RawHTTP
+from bench.loadgen import RawHTTP
 from tests.procs import serve_process
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_many_clients_no_lost_or_duplicated_answers(tiny_ckpt: Path, tmp_path: P
 
         dog = threading.Thread(target=watchdog)
         dog.start()
-        before = sp.metric("cmserve_requests_total", 'route="/v1/generate"', default=0.0)
+        before = sp.metric("cmserve_requests_total", route="/v1/generate", default=0.0)
         log: list[dict] = []
 
         async def main() -> None:
@@ -109,7 +109,7 @@ def test_many_clients_no_lost_or_duplicated_answers(tiny_ckpt: Path, tmp_path: P
         finally:
             done.set()
             dog.join(10)
-        answered = sp.metric("cmserve_requests_total", 'route="/v1/generate"') - before
+        answered = sp.metric("cmserve_requests_total", route="/v1/generate") - before
         assert sp.metric("cmserve_queue_depth_images") == 0 and sp.metric("cmserve_inflight_requests") == 0
     assert not stalled, stalled
     stay = [e for e in log if e["kind"] != "hangup"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.loadgen import make_body, open_loop
+from bench.loadgen import make_body, open_loop
 from tests.procs import serve_process
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def _run(real_size_ckpt: Path, tmp_path: Path, factor: float, duration: float) -
         time.sleep(1)
         rss0 = sp.rss_bytes()
         rate = factor * sat / 4  # requests/s of n = 4 images
-        sent0 = sp.metric("cmserve_requests_total", 'route="/v1/generate"', default=0.0)
+        sent0 = sp.metric("cmserve_requests_total", route="/v1/generate", default=0.0)
         res = asyncio.run(
             open_loop(
                 "127.0.0.1",
@@ -67,7 +67,7 @@ def _run(real_size_ckpt: Path, tmp_path: Path, factor: float, duration: float) -
         )
         time.sleep(2)
         rss1 = sp.rss_bytes()
-        answered = sp.metric("cmserve_requests_total", 'route="/v1/generate"') - sent0
+        answered = sp.metric("cmserve_requests_total", route="/v1/generate") - sent0
         compute_mean = sp.metric("cmserve_batch_compute_seconds_sum") / sp.metric(
             "cmserve_batch_compute_seconds_count"
         )

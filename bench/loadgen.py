@@ -190,3 +190,31 @@ async def closed_loop(
             out.append(time.perf_counter() - t)
     client.close()
     return out
+
+
+async def concurrent_loop(
+    host: str, port: int, concurrency: int, duration_s: float, seed: int = 0, path: str = "/v1/generate"
+) -> RunResult:
+    """`concurrency` clients, each sending its next request as soon as its last is answered, for
+    `duration_s`: the most the server sustains (a throughput ceiling, not a latency figure)."""
+    rng = random.Random(seed)
+    client = RawHTTP(host, port)
+    res = RunResult(0.0, duration_s)
+    t0 = time.perf_counter()
+    end = t0 + duration_s
+
+    async def worker() -> None:
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            status, _ = await client.post(path, make_body(rng))
+            res.sent += 1
+            res.statuses[status] = res.statuses.get(status, 0) + 1
+            if 200 <= status < 300:
+                res.latencies_ok.append(time.perf_counter() - t)
+                res.images_ok += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    res.wall_s = time.perf_counter() - t0
+    res.rate = res.sent / res.wall_s
+    client.close()
+    return res

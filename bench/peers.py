@@ -1,8 +1,8 @@
 """What a user would pick instead, serving the same checkpoint with the same response format,
 for `cmserve bench server` (not part of the product):
 
-    python -m server.bench_peers litserve --port P --checkpoint C --max-batch-size 16 --batch-timeout 0.005
-    python -m server.bench_peers plain --port P --checkpoint C
+    python -m bench.peers litserve --port P --checkpoint C --max-batch-size 16 --batch-timeout 0.005
+    python -m bench.peers plain --port P --checkpoint C
 
 - litserve: LitServe's own dynamic batching (LitAPI max_batch_size / batch_timeout).
 - plain: a FastAPI endpoint that calls the model once per request (a sync route: FastAPI runs it
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
+import types
 from typing import Any
-
-import litserve as ls
 
 from models.grid import png_bytes
 
@@ -30,7 +30,21 @@ def _engine(checkpoint: str, inline: bool = False) -> Any:
 
     e = Engine(Settings(checkpoint=checkpoint, buckets=[1, 2, 4, 8, 16, 32, 64]), Metrics(), inline=inline)
     e.warmup()
+    if os.environ.get(STUB_ENV) == "1":
+        e.run_batch = types.MethodType(stub_run_batch, e)  # type: ignore[method-assign]
     return e
+
+
+STUB_ENV = "CMSERVE_BENCH_STUB"
+
+
+def stub_run_batch(self: Any, steps: int, labels: list[int | None], seeds: list[int]) -> Any:
+    """A model that answers at once (blank images of the model's shape): what is left of a
+    request's cost is the front end's — HTTP, validation, batching, PNG encoding."""
+    import numpy as np
+
+    c, h, w = self.runner.image_shape
+    return np.zeros((len(seeds), h, w, c), dtype=np.uint8)  # what models.grid.to_uint8 returns
 
 
 def _response(images: Any, seed: int, label: int | None) -> dict[str, Any]:
@@ -41,42 +55,12 @@ def _response(images: Any, seed: int, label: int | None) -> dict[str, Any]:
     }
 
 
-class CMApi(ls.LitAPI):
-    """LitServe serving the cmserve Engine; LitServe does the batching."""
-
-    def __init__(self, checkpoint: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.checkpoint = checkpoint
-
-    def setup(self, device: str) -> None:
-        self.engine = _engine(self.checkpoint, inline=True)
-
-    def decode_request(self, request):  # LitServe reads a typed annotation as a request schema
-        return request.get("class_label"), int(request.get("seed", 0)), int(request.get("steps", 2))
-
-    def batch(self, inputs: list[Any]) -> list[Any]:
-        return inputs
-
-    def predict(self, x: list[tuple[int | None, int, int]]) -> list[Any]:
-        images = self.engine.run_batch(x[0][2], [i[0] for i in x], [i[1] for i in x])
-        return [(images[i : i + 1], x[i][1], x[i][0]) for i in range(len(x))]
-
-    def unbatch(self, output: list[Any]) -> list[Any]:
-        return output
-
-    def encode_response(self, output: Any) -> dict[str, Any]:
-        return _response(*output)
-
-
 def run_litserve(args: argparse.Namespace) -> None:
-    api = CMApi(
-        args.checkpoint,
-        max_batch_size=args.max_batch_size,
-        batch_timeout=args.batch_timeout,
-        api_path="/v1/generate",
-    )
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=60)
-    server.run(port=args.port, host="127.0.0.1", generate_client_file=False)
+    # LitServe (the bench extra) is imported only when this peer runs; its API class lives at
+    # module level in its own module, so LitServe's worker processes can unpickle it
+    from bench.peer_litserve import serve
+
+    serve(args.checkpoint, args.port, args.max_batch_size, args.batch_timeout)
 
 
 def run_plain(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ def _python_load(stop: Any, busy_s: float = 0.001, period_s: float = 0.01) -> No
 
 
 def run_case(case: str, checkpoint: str, batches: list[int], repeats: int) -> dict[str, Any]:
-    from server.bench import _time_batch
+    from bench.sampler import time_batch
     from server.engine import Engine
     from server.metrics import Metrics
     from server.settings import Settings
@@ -50,7 +50,7 @@ def run_case(case: str, checkpoint: str, batches: list[int], repeats: int) -> di
     if loader is not None:
         loader.start()
     try:
-        ms = {b: round(e.call(_time_batch, e, 2, b, repeats) * 1e3, 2) for b in batches}
+        ms = {b: round(e.call(time_batch, e, 2, b, repeats) * 1e3, 2) for b in batches}
     finally:
         stop.set()
         if loader is not None:
@@ -64,7 +64,7 @@ def run(checkpoint: str, batches: list[int], repeats: int, rounds: int) -> list[
     best: dict[str, dict[int, float]] = {c: {} for c in CASES}
     for _ in range(rounds):
         for case in CASES:
-            cmd = [sys.executable, "-m", "server.bench_threads", "--case", case, "--checkpoint", checkpoint]
+            cmd = [sys.executable, "-m", "bench.threads", "--case", case, "--checkpoint", checkpoint]
             cmd += ["--batches", ",".join(map(str, batches)), "--repeats", str(repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             row = json.loads(out.strip().splitlines()[-1])

@@ -1,0 +1,134 @@
+"""`cmserve bench sampler|server|frontend|threads|kernels`: the server against its limit and its peers.
+
+sampler  the raw sampler, no HTTP (bench/sampler.py)
+frontend requests/s per front-end core with a stub model, against the peers (bench/frontend.py)
+server   real servers under open-loop load, swept past saturation, against LitServe and a plain
+         FastAPI endpoint (bench/load.py)
+threads  a CPU batch on the engine's one thread vs sharing the process (bench/threads.py)
+kernels  the Triton kernels against torch (GPU only; kernels/bench.py)
+Results print as JSON lines; --json writes the whole result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "models" / "weights" / "teacher-mnist.json"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("sampler", help="raw sampler throughput (no HTTP)")
+    s.add_argument("--checkpoint", default="")
+    s.add_argument("--device", default="auto")
+    s.add_argument(
+        "--backends", default="", help="comma list of eager,graph; default eager on CPU, both on CUDA"
+    )
+    s.add_argument("--buckets", default="1,2,4,8,16,32,64")
+    s.add_argument("--steps", default="1,2,4")
+    s.add_argument("--repeats", type=int, default=5, help="timed batches per figure (median)")
+    s.add_argument("--rounds", type=int, default=3, help="rounds over all figures; the best round counts")
+    s.add_argument("--quick", action="store_true")
+    s.add_argument("--json", default="")
+    v = sub.add_parser("server", help="open-loop load sweep against real servers")
+    v.add_argument("--checkpoint", default="")
+    v.add_argument("--teacher", default=str(DEFAULT_TEACHER))
+    v.add_argument("--device", default="auto")
+    v.add_argument(
+        "--fractions",
+        default="0.05,0.1,0.2,0.35,0.5,0.7,1.0,1.3",
+        help="arrival rates as fractions of the raw sampler's images/s",
+    )
+    v.add_argument("--duration", type=float, default=5.0, help="seconds per arrival rate")
+    v.add_argument(
+        "--min-requests", type=int, default=200, help="run a rate longer if it would send fewer requests"
+    )
+    v.add_argument("--peers", default="litserve,plain")
+    v.add_argument("--litserve-max-batch", type=int, default=32)
+    v.add_argument("--litserve-timeout", type=float, default=0.005)
+    v.add_argument(
+        "--quick", action="store_true", help="tiny model, 2 rates, short runs: keeps the harness working"
+    )
+    v.add_argument("--json", default="")
+    v.add_argument("--plot", default="")
+    t = sub.add_parser("threads", help="CPU batch time on one thread vs sharing the process")
+    t.add_argument("--checkpoint", default="")
+    t.add_argument("--batches", default="1,8,64")
+    t.add_argument("--repeats", type=int, default=9)
+    t.add_argument("--rounds", type=int, default=2)
+    t.add_argument("--json", default="")
+    f = sub.add_parser("frontend", help="requests/s per front-end core with a model that answers at once")
+    f.add_argument("--checkpoint", default="", help="model shape to stub (default: the tiny placeholder)")
+    f.add_argument("--concurrency", type=int, default=64)
+    f.add_argument("--duration", type=float, default=5.0)
+    f.add_argument("--peers", default="litserve,plain")
+    f.add_argument("--quick", action="store_true")
+    f.add_argument("--json", default="")
+    k = sub.add_parser("kernels", help="Triton kernels vs torch (CUDA only)")
+    k.add_argument("--quick", action="store_true")
+    k.add_argument("--json", default="")
+
+
+def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from bench.sampler import bench_sampler, machine
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    backends = args.backends.split(",") if args.backends else (["eager", "graph"] if cuda else ["eager"])
+    buckets = [1, 8, 64] if args.quick else [int(b) for b in args.buckets.split(",")]
+    steps = [2] if args.quick else [int(s) for s in args.steps.split(",")]
+    ckpt = args.checkpoint
+    if args.quick and not ckpt:
+        from models.placeholder import build_placeholder
+
+        ckpt = str(build_placeholder(Path(tempfile.mkdtemp()) / "tiny"))
+    rows = bench_sampler(
+        ckpt, args.device, backends, buckets, steps, 2 if args.quick else args.repeats,
+        rounds=1 if args.quick else args.rounds,
+    )  # fmt: skip
+    return {"machine": machine(), "rows": rows}
+
+
+def main(args: argparse.Namespace) -> None:
+    from bench.sampler import machine
+
+    if args.what == "kernels":
+        import torch
+
+        from kernels.bench import run
+
+        if not torch.cuda.is_available():
+            sys.exit("bench kernels needs a CUDA GPU")
+        result: dict[str, Any] = {"machine": machine(), "rows": run("cuda", args.quick)}
+    elif args.what == "threads":
+        from bench.threads import run as run_threads
+
+        batches = [int(b) for b in args.batches.split(",")]
+        result = {
+            "machine": machine(),
+            "rows": run_threads(args.checkpoint, batches, args.repeats, args.rounds),
+        }
+    elif args.what == "sampler":
+        result = run_sampler(args)
+    elif args.what == "frontend":
+        from bench.frontend import bench_frontend
+        from bench.frontend import markdown as frontend_markdown
+
+        result = bench_frontend(args)
+        print(frontend_markdown(result))
+    else:
+        from bench.load import ServerBench, markdown, plot
+
+        result = ServerBench(args).run()
+        print(markdown(result))
+        if args.plot:
+            plot(result, args.plot)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

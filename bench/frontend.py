@@ -1,0 +1,105 @@
+"""`cmserve bench frontend`: how many requests per second a front end sustains when the model
+costs nothing — cmserve, LitServe and a plain FastAPI route, each serving a stub model that
+answers at once (bench/stub_serve.py, bench/peers.py with CMSERVE_BENCH_STUB=1).
+
+Each server gets `concurrency` clients sending back to back for `duration` s; its throughput
+is reported with the CPU its whole process group used meanwhile, so requests per CPU-second is
+the rate one front-end core sustains, whatever else shares the machine (the load generator
+does, here). A GPU that samples tens of thousands of images per second needs a front end that
+keeps up: this is the number to hold against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import concurrent_loop, run
+from bench.peers import STUB_ENV
+from bench.procs import Proc
+from bench.sampler import machine
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group `pgid`."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def specs(checkpoint: str) -> dict[str, tuple[list[str], str]]:
+    py = sys.executable
+    flags = ["--checkpoint", checkpoint, "--device", "cpu"]
+    return {
+        "cmserve": (
+            [py, "-m", "bench.stub_serve", *flags, "--log-level", "warning", "--max-queue-images", "100000"],
+            "/readyz",
+        ),  # fmt: skip
+        "litserve": ([py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint], "/health"),
+        "plain": ([py, "-m", "bench.peers", "plain", "--checkpoint", checkpoint], "/readyz"),
+    }
+
+
+def measure(proc: Proc, concurrency: int, duration: float) -> dict[str, Any]:
+    run(concurrent_loop("127.0.0.1", proc.port, concurrency, min(1.0, duration / 4)))  # warm
+    cpu0, t0 = group_cpu_s(proc.proc.pid), time.perf_counter()
+    res = run(concurrent_loop("127.0.0.1", proc.port, concurrency, duration))
+    cpu = group_cpu_s(proc.proc.pid) - cpu0
+    wall = time.perf_counter() - t0
+    s = res.summary()
+    ok = s["ok"]
+    return {
+        "concurrency": concurrency,
+        "requests_per_s": round(ok / res.wall_s, 1),
+        "server_cpu_cores": round(cpu / wall, 2),
+        "requests_per_cpu_s": round(ok / cpu, 1) if cpu else None,
+        "p50_ms": s["p50_ms"],
+        "p99_ms": s["p99_ms"],
+        "ok": ok,
+        "errors": s["errors"] + s["rejected"],
+    }
+
+
+def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
+    from models.placeholder import build_placeholder
+
+    tmp = Path(tempfile.mkdtemp(prefix="cmserve-frontend-"))
+    ckpt = args.checkpoint or str(build_placeholder(tmp / "tiny"))
+    duration = 2.0 if args.quick else args.duration
+    os.environ[STUB_ENV] = "1"  # the peers' engines answer at once too
+    result: dict[str, Any] = {"machine": machine(), "duration_s": duration, "servers": {}}
+    for name, (cmd, ready) in specs(ckpt).items():
+        if name in ("litserve", "plain") and name not in args.peers.split(","):
+            continue
+        proc = Proc(cmd, ready, tmp / f"{name}.log")
+        try:
+            result["servers"][name] = measure(proc, args.concurrency, duration)
+        finally:
+            proc.stop()
+        print(name, result["servers"][name], flush=True)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = ["| server | requests/s | server CPU cores | requests per CPU-second | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in result["servers"].items():
+        cells = [name, r["requests_per_s"], r["server_cpu_cores"], r["requests_per_cpu_s"], r["p50_ms"],
+                 r["p99_ms"], r["errors"]]  # fmt: skip
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(rows) + "\n"
