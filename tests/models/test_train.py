@@ -86,7 +86,15 @@ def test_eval_quick_runs_end_to_end(tiny_ckpt: Path, tmp_path: Path) -> None:
         ("real", 0),
     ]
     for r in rows:
-        assert set(r) == {"sampler", "steps", "guidance", "fld", "class_accuracy", "ms_per_image", "num_samples"}
+        assert set(r) == {
+            "sampler",
+            "steps",
+            "guidance",
+            "fld",
+            "class_accuracy",
+            "ms_per_image",
+            "num_samples",
+        }
         assert r["num_samples"] == 100 and r["fld"] >= 0 and 0 <= r["class_accuracy"] <= 1
     real = rows[-1]
     assert real["class_accuracy"] > 0.9  # the classifier on held-out real digits
