@@ -3,10 +3,11 @@
 Per row r of x: [B, N, D] (batch b = r // N):
     plain:     y = LN(x_r) * (1 + scale[b]) + shift[b]
     residual:  x'_r = x_r + gate[b] * h_r;  y = LN(x'_r) * (1 + scale[b]) + shift[b]; writes x' too
-One program per row, the whole row in registers (BLOCK_D = next power of two >= D, masked), so
-the residual form reads x and h once and writes x' and y once instead of a separate residual
-pass plus a norm pass (2 reads + 1 write saved per element). Statistics are fp32 whatever the
-input dtype (Triton tutorial 05, Liger's layer_norm).
+One program per row (b, n), addressed through each tensor's (batch, token) strides so that
+slices such as `big[:, :1]` are read in place, the whole row in registers (BLOCK_D = next power
+of two >= D, masked), so the residual form reads x and h once and writes x' and y once instead
+of a separate residual pass plus a norm pass (2 reads + 1 write saved per element). Statistics
+are fp32 whatever the input dtype (Triton tutorial 05, Liger's layer_norm).
 """
 
 from __future__ import annotations
@@ -18,36 +19,25 @@ import triton.language as tl
 
 @triton.jit
 def _adaln_norm_kernel(
-    X,
-    H,
-    GATE,
-    SHIFT,
-    SCALE,
-    Y,
-    XOUT,
-    N,
-    D,
-    stride_x,
-    stride_h,
-    stride_y,
-    stride_xo,  # row strides (last dim contiguous)
-    stride_g,
-    stride_sh,
-    stride_sc,  # row strides of gate/shift/scale ([B, D] views of the adaLN output)
+    X, H, GATE, SHIFT, SCALE, Y, XOUT, N, D,
+    sx_b, sx_n, sh_b, sh_n, sy_b, sy_n, sxo_b, sxo_n,  # (batch, token) strides; last dim contiguous
+    stride_g, stride_sh, stride_sc,  # row strides of gate/shift/scale ([B, D] views of the adaLN output)
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0)
-    b = row // N
+    # 64-bit offsets: B*N*D can pass 2^31 for large batches of large models
+    b = (row // N).to(tl.int64)
+    n = (row % N).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + b * sx_b + n * sx_n + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(H + b * sh_b + n * sh_n + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(GATE + b * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         x = x + g * h
-        tl.store(XOUT + row * stride_xo + cols, x.to(XOUT.dtype.element_ty), mask=mask)
+        tl.store(XOUT + b * sxo_b + n * sxo_n + cols, x.to(XOUT.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=0) / D
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / D
@@ -55,7 +45,7 @@ def _adaln_norm_kernel(
     shift = tl.load(SHIFT + b * stride_sh + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * stride_sc + cols, mask=mask, other=0.0).to(tl.float32)
     y = xc * rstd * (1.0 + scale) + shift
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + b * sy_b + n * sy_n + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, *mods: torch.Tensor) -> None:
@@ -71,6 +61,11 @@ def _check(x: torch.Tensor, *mods: torch.Tensor) -> None:
         raise TypeError(f"unsupported dtype {x.dtype}")
 
 
+def _check_out(out: torch.Tensor, x: torch.Tensor) -> None:
+    if out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} with a contiguous last dim")
+
+
 def _launch_params(D: int) -> tuple[int, int]:
     """The whole row lives in registers: up to 64K elements, more warps for wider rows."""
     block = triton.next_power_of_2(D)
@@ -79,11 +74,10 @@ def _launch_params(D: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[B, N, D] with a contiguous last dim, viewable as rows of stride t.stride(1)."""
-    if t.stride(-1) != 1 or (t.shape[1] > 1 and t.stride(0) != t.shape[1] * t.stride(1)):
-        t = t.contiguous()
-    return t
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] views of any (batch, token) strides are read in place; only a strided last dim
+    is copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _launch(x, h, gate, shift, scale, y, x_out, eps: float, residual: bool) -> None:
@@ -92,7 +86,8 @@ def _launch(x, h, gate, shift, scale, y, x_out, eps: float, residual: bool) -> N
     block, warps = _launch_params(D)
     _adaln_norm_kernel[(B * N,)](
         x, h, gate, shift, scale, y, x_out, N, D,
-        x.stride(1), h.stride(1), y.stride(1), x_out.stride(1),
+        x.stride(0), x.stride(1), h.stride(0), h.stride(1), y.stride(0), y.stride(1),
+        x_out.stride(0), x_out.stride(1),
         gate.stride(0), shift.stride(0), scale.stride(0), eps,
         HAS_RESIDUAL=residual, BLOCK_D=block, num_warps=warps,
     )  # fmt: skip
@@ -107,8 +102,9 @@ def adaln_norm(
 ) -> torch.Tensor:
     """x: [B, N, D]; shift, scale: [B, D] -> y: [B, N, D] (out= reuses a buffer, e.g. in a CUDA graph)."""
     _check(x, shift, scale)
-    x = _rows(x)
-    y = out if out is not None else torch.empty_like(x)
+    x = _last_dim_contiguous(x)
+    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _check_out(y, x)
     _launch(x, x, shift, shift, scale, y, y, eps, residual=False)
     return y
 
@@ -125,7 +121,8 @@ def residual_adaln_norm(
     _check(x, gate, shift, scale)
     if h.shape != x.shape:
         raise ValueError(f"h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
-    x, h = _rows(x), _rows(h)
-    x_new, y = torch.empty_like(x), torch.empty_like(x)
+    x, h = _last_dim_contiguous(x), _last_dim_contiguous(h)
+    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, h, gate, shift, scale, y, x_new, eps, residual=True)
     return x_new, y

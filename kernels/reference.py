@@ -10,7 +10,18 @@ import torch
 import torch.nn.functional as F
 
 
-def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """`out=` as the Triton ops take it: the result written into a caller's buffer."""
+    return y if out is None else out.copy_(y)
+
+
+def adaln_norm(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = LayerNorm(x) * (1 + scale[b]) + shift[b]   (DiT's `modulate(norm(x), shift, scale)`).
 
     x: [B, N, D]; shift, scale: [B, D]. No learned affine: adaLN supplies it.
@@ -18,12 +29,14 @@ def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: f
     xf = x.float()
     y = F.layer_norm(xf, (x.shape[-1],), eps=eps)
     y = y * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
-    return y.to(x.dtype)
+    return _into(y.to(x.dtype), out)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def gated_residual(
+    x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x + gate[b] * h   (adaLN-Zero's gated residual). x, h: [B, N, D]; gate: [B, D]."""
-    return (x.float() + gate.float()[:, None, :] * h.float()).to(x.dtype)
+    return _into((x.float() + gate.float()[:, None, :] * h.float()).to(x.dtype), out)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -40,6 +53,7 @@ def attention(
     q_weight: torch.Tensor | None = None,
     k_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Non-causal softmax(QK^T / sqrt(Dh)) V with optional QK-RMSNorm.
 
@@ -49,7 +63,7 @@ def attention(
         q = rms_norm(q, q_weight, eps)
     if k_weight is not None:
         k = rms_norm(k, k_weight, eps)
-    return F.scaled_dot_product_attention(q, k, v)
+    return _into(F.scaled_dot_product_attention(q, k, v), out)
 
 
 def residual_adaln_norm(
