@@ -41,10 +41,19 @@ class ModelCard:
     sigma_d: float
     schedules: dict[int, tuple[float, ...]]
     provenance: dict[str, Any] = field(default_factory=dict)
+    default_steps: int | None = None  # what a request without `steps` gets; see `steps_default`
 
     @property
     def steps(self) -> list[int]:
         return sorted(self.schedules)
+
+    @property
+    def steps_default(self) -> int:
+        """The card's own default, else 2 where supported (the few-step sweet spot), else the
+        fewest it supports (a teacher card: its one ODE step count)."""
+        if self.default_steps is not None:
+            return self.default_steps
+        return 2 if 2 in self.schedules else min(self.schedules)
 
     def to_json(self, weights_file: str, sha256: str) -> dict[str, Any]:
         return {
@@ -56,6 +65,7 @@ class ModelCard:
             "classes": list(self.class_names),
             "sigma_d": self.sigma_d,
             "schedules": {str(k): list(v) for k, v in sorted(self.schedules.items())},
+            **({} if self.default_steps is None else {"default_steps": self.default_steps}),
             "provenance": self.provenance,
             "weights": {"file": weights_file, "sha256": sha256},
         }
@@ -133,8 +143,18 @@ def parse_card(raw: dict[str, Any], where: str) -> tuple[ModelCard, dict[str, An
     _need(weights, "file", str, where + " weights")
     _need(weights, "sha256", str, where + " weights")
     prov = raw.get("provenance", {})
+    default_steps = raw.get("default_steps")
+    if default_steps is not None and (isinstance(default_steps, bool) or default_steps not in schedules):
+        raise CheckpointError(f"{where}: default_steps {default_steps!r} is not one of {sorted(schedules)}")
     card = ModelCard(
-        name, kind, arch, tuple(classes), sigma_d, schedules, prov if isinstance(prov, dict) else {}
+        name,
+        kind,
+        arch,
+        tuple(classes),
+        sigma_d,
+        schedules,
+        prov if isinstance(prov, dict) else {},
+        default_steps,
     )
     return card, weights
 

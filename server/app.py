@@ -216,7 +216,7 @@ def model_card(engine: Engine) -> ModelCardResponse:
         channels=c.arch.channels,
         classes=list(c.class_names),
         supported_steps=c.steps,
-        default_steps=2 if 2 in c.schedules else c.steps[0],
+        default_steps=c.steps_default,
         schedules={str(k): list(v) for k, v in c.schedules.items()},
         provenance=c.provenance,
     )

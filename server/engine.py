@@ -59,9 +59,6 @@ class Engine:
         except BaseException:
             self.close()
             raise
-        # Test hook: called with (steps, labels, seeds) before each batch; may raise or sleep.
-        self.fault: Callable[[int, list[int | None], list[int]], None] | None = None
-        self.poison_output = False  # test hook: make the next batch's output non-finite
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the compute thread and wait for it (from any thread but that one)."""
@@ -152,12 +149,7 @@ class Engine:
         return self.runner.run(steps, self.make_noise(steps, seeds), y)
 
     def run_batch(self, steps: int, labels: list[int | None], seeds: list[int]) -> np.ndarray:
-        if self.fault is not None:
-            self.fault(steps, labels, seeds)
         x = self.sample(steps, labels, seeds)
-        if self.poison_output:
-            self.poison_output = False
-            x[0].fill_(float("nan"))
         if not torch.isfinite(x).all():
             raise NonFiniteOutput("sampler output holds non-finite values")
         return to_uint8(x)

@@ -51,6 +51,8 @@ async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateR
             param="class_label",
             code="unknown_class",
         )
+    if req.steps is None:
+        req.steps = card.steps_default
     if req.steps not in card.schedules:
         raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
     if req.n > st.settings.max_images_per_request:
@@ -103,6 +105,8 @@ async def generate(request: Request, st: ServerState) -> Any:
         raise ApiError(503, "model is loading", code="not_ready", headers={"Retry-After": "5"})
     engine, batcher, m = st.engine, st.batcher, st.metrics
     req = await _parse(request, st, engine)
+    steps = req.steps
+    assert steps is not None  # _parse resolved an omitted `steps` to the card's default
     png = _accepts_png(request)
     if png and req.n != 1:
         raise ApiError(
@@ -115,7 +119,7 @@ async def generate(request: Request, st: ServerState) -> Any:
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     rid = request_id_of(request.scope)
     job = Job(
-        steps=req.steps,
+        steps=steps,
         labels=[req.class_label] * req.n,
         seeds=[seed + i for i in range(req.n)],
         deadline=t_arrive + timeout,
@@ -175,7 +179,7 @@ async def generate(request: Request, st: ServerState) -> Any:
         headers = {
             "x-seed": str(seed),
             "x-model": name,
-            "x-steps": str(req.steps),
+            "x-steps": str(steps),
             "server-timing": server_timing,
             "x-class-label": "null" if req.class_label is None else str(req.class_label),
         }
@@ -185,7 +189,7 @@ async def generate(request: Request, st: ServerState) -> Any:
         for i, p in enumerate(pngs)
     ]
     body = GenerateResponse(
-        model=name, steps=req.steps, created=int(time.time()), data=data, timings_ms=timings
+        model=name, steps=steps, created=int(time.time()), data=data, timings_ms=timings
     )
     # serialized once here: returning the model would make FastAPI validate it a second time
     return Response(body.model_dump_json(), media_type="application/json")

@@ -38,7 +38,13 @@ class GenerateRequest(BaseModel):
     seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="Image i uses seed + i; omitted = random, returned per image."
     )
-    steps: JsonInt = Field(2, ge=1, le=64, description="Sampler steps: one of the model's supported counts.")
+    steps: JsonInt | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Sampler steps: one of the model's supported counts; omitted = the model's default "
+        "(`default_steps` in /v1/models).",
+    )
     response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNGs in JSON for now.")
     timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = Field(
         None, description="Deadline in seconds (capped by the server's max); 504 when it passes."

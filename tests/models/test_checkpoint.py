@@ -46,6 +46,8 @@ def _edit(ckpt: Path, fn) -> None:  # type: ignore[no-untyped-def]
         (lambda r: r["architecture"].update(width=64, num_heads=2), "weights do not match|has shape"),
         (lambda r: r["architecture"].update(depth=3), "missing"),
         (lambda r: r["architecture"].update(patch_size=5), "bad architecture"),
+        (lambda r: r.update(default_steps=3.5), "default_steps"),
+        (lambda r: r.update(default_steps=8), "default_steps 8 is not one of"),
     ],
 )
 def test_mismatched_card_is_refused_with_a_clear_error(ckpt: Path, edit, match: str) -> None:  # type: ignore[no-untyped-def]

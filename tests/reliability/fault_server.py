@@ -14,7 +14,7 @@ import time
 from server import engine as engine_mod
 from server.cli import main
 
-_orig = engine_mod.Engine.run_batch
+_orig_run, _orig_sample = engine_mod.Engine.run_batch, engine_mod.Engine.sample
 _slow_s = float(os.environ.get("FAULT_SLOW_MS", "0")) / 1000.0
 
 
@@ -23,12 +23,18 @@ def faulty_run_batch(self, steps, labels, seeds):  # type: ignore[no-untyped-def
         time.sleep(_slow_s)
     if 666 in seeds:
         raise RuntimeError("injected fault: internal detail that must not leak")
+    return _orig_run(self, steps, labels, seeds)
+
+
+def faulty_sample(self, steps, labels, seeds):  # type: ignore[no-untyped-def]
+    x = _orig_sample(self, steps, labels, seeds)
     if 777 in seeds:
-        self.poison_output = True
-    return _orig(self, steps, labels, seeds)
+        x[0].fill_(float("nan"))  # the engine's non-finite check must catch it
+    return x
 
 
 engine_mod.Engine.run_batch = faulty_run_batch  # type: ignore[method-assign]
+engine_mod.Engine.sample = faulty_sample  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main(["serve", *sys.argv[1:]])

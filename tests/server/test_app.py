@@ -143,6 +143,29 @@ async def test_models_card_and_health(tiny_ckpt: Path) -> None:
         assert (await c.get("/nope")).status_code == 404
 
 
+@pytest.mark.parametrize(("default_steps", "expect"), [(None, 2), (4, 4)])
+async def test_omitted_steps_get_the_cards_default(
+    tiny_ckpt: Path, tmp_path: Path, default_steps: int | None, expect: int
+) -> None:
+    """A request without `steps` runs the card's `default_steps` (2 where the card names none)."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "m.json"
+    shutil.copy(tiny_ckpt, ckpt)
+    shutil.copy(tiny_ckpt.with_suffix(".safetensors"), tmp_path / "tiny.safetensors")  # the card names it
+    raw = json.loads(ckpt.read_text())
+    if default_steps is not None:
+        raw["default_steps"] = default_steps
+    ckpt.write_text(json.dumps(raw))
+    async with app_client(_settings(ckpt)) as (c, _):
+        assert (await c.get("/v1/models")).json()["data"][0]["default_steps"] == expect
+        r = await c.post("/v1/generate", json={"seed": 1})
+        assert r.status_code == 200 and r.json()["steps"] == expect
+        same = await c.post("/v1/generate", json={"seed": 1, "steps": expect})
+        assert same.json()["data"][0]["b64_json"] == r.json()["data"][0]["b64_json"]
+
+
 async def test_readiness_waits_for_warmup(tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from server.engine import Engine
 
@@ -172,18 +195,21 @@ async def test_readiness_waits_for_warmup(tiny_ckpt: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("fault", ["raise", "nan"])
 async def test_a_failing_batch_gets_500_and_the_next_one_works(tiny_ckpt: Path, fault: str) -> None:
     async with app_client(_settings(tiny_ckpt)) as (c, app):
+        # faults injected by wrapping the engine's sampler (run_batch calls self.sample): the
+        # first batch raises or comes back with a NaN, the next is served as usual
         engine = app.state.cm.engine
-        if fault == "raise":
-            calls = {"n": 0}
+        sample, calls = engine.sample, {"n": 0}
 
-            def boom(steps, labels, seeds):  # type: ignore[no-untyped-def]
-                calls["n"] += 1
-                if calls["n"] == 1:
-                    raise RuntimeError("secret internal detail")
+        def faulty(steps, labels, seeds):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1 and fault == "raise":
+                raise RuntimeError("secret internal detail")
+            x = sample(steps, labels, seeds)
+            if calls["n"] == 1:
+                x[0].fill_(float("nan"))
+            return x
 
-            engine.fault = boom
-        else:
-            engine.poison_output = True
+        engine.sample = faulty
         r = await c.post("/v1/generate", json={"seed": 1}, headers={"x-request-id": "req-123"})
         assert r.status_code == 500
         assert r.headers["x-request-id"] == "req-123" and r.json()["request_id"] == "req-123"
@@ -217,7 +243,14 @@ async def test_load_warmup_and_batches_share_one_compute_thread(
     monkeypatch.setattr(Engine, "_load", load)
     monkeypatch.setattr(SamplerRunner, "warmup", warm)
     async with app_client(_settings(tiny_ckpt)) as (c, app):
-        app.state.cm.engine.fault = lambda *_: seen["batch"].add(threading.get_ident())
+        engine = app.state.cm.engine
+        sample = engine.sample
+
+        def recorded(*args):  # type: ignore[no-untyped-def]
+            seen["batch"].add(threading.get_ident())
+            return sample(*args)
+
+        engine.sample = recorded
         rs = await asyncio.gather(*(c.post("/v1/generate", json={"seed": i}) for i in range(6)))
         assert all(r.status_code == 200 for r in rs)
     threads = seen["load"] | seen["warmup"] | seen["batch"]
