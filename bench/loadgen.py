@@ -55,7 +55,7 @@ class RawHTTP:
                     )
                     await w.drain()
                     status, payload, keep = await asyncio.wait_for(self._read(r), timeout)
-                except asyncio.TimeoutError:  # the server may be working on it: never resend
+                except TimeoutError:  # the server may be working on it: never resend
                     w.close()
                     return 0, b""
                 except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):

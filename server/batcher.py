@@ -134,7 +134,7 @@ class Batcher:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def stop(self) -> None:
@@ -212,7 +212,7 @@ class Batcher:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     continue
             batch = self._select()

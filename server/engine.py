@@ -2,9 +2,9 @@
 
 Every torch call of a server process runs on the engine's one compute thread (`Engine.call`,
 `Engine.executor`): loading, warm-up and every batch. Why: on the CPU each thread that starts a
-torch op gets its own OpenMP team, and once two teams exist they fight over the cores — on this
-2-core machine batches of 1 / 8 took 25 / 67 ms on one thread and 73 / 201 ms once another
-thread had run one (`cmserve bench threads`; README, "Where the time went").
+torch op gets its own OpenMP team, and once two teams exist they fight over the cores (on 2
+cores batches took about 3x longer once a second thread had run one: `cmserve bench threads`,
+docs/performance.md).
 
 Noise comes from one CPU generator per image seeded with that image's seed, so an image never
 depends on its batch-mates or the device's RNG.
@@ -120,9 +120,8 @@ class Engine:
         """The smallest bucket whose images/s is within `tolerance` of the best bucket's, timed
         here at the default step count. Why: a bigger batch makes everyone in it wait longer, so it
         is only worth it while it still buys throughput. On a GPU that is the largest bucket or near
-        it; on this 2-core CPU it came out at 16 or 32 on most start-ups (within 5% of batch 64's
-        images/s at a quarter to half of its latency) and at 64 on one: the timings, logged at
-        start-up, are that close. Times on the compute thread."""
+        it; on a small CPU a middle bucket (the timings are logged at start-up and can be close
+        enough to differ between start-ups: docs/performance.md). Times on the compute thread."""
         steps = 2 if 2 in self.card.schedules else self.card.steps[0]
         secs = self.call(self.runner.time_buckets, steps)
         rate = {b: b / s for b, s in secs.items()}
