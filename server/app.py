@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import openai_images
 from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, require_key, require_key_ops
 from server.engine import Engine
@@ -158,15 +159,32 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         check_key(request, st)
         return await handle_generate(request, st)
 
-    # make GenerateRequest appear in components/schemas for the openapi_extra reference
+    @app.post(
+        "/v1/images/generations",
+        responses={**ERRORS, 404: {"model": ErrorResponse, "description": "model not served here"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesRequest"}}},
+            }
+        },
+    )
+    async def images_generations(request: Request) -> Any:
+        """The OpenAI Images API: the prompt names the class; cmserve's fields ride along."""
+        check_key(request, st)
+        return await openai_images.images_generations(request, st)
+
+    # make the request bodies appear in components/schemas for the openapi_extra references
     _orig_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = _orig_openapi()
-            req = GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            _limit_schema(req, st)
-            schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = req
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for body in (GenerateRequest, openai_images.ImagesRequest):
+                req = body.model_json_schema(ref_template="#/components/schemas/{model}")
+                _limit_schema(req, st)
+                schemas[body.__name__] = req
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -204,6 +222,13 @@ def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
         props["steps"].pop("maximum", None)
         props["steps"].pop("minimum", None)
         props["steps"]["enum"] = card.steps
+        if "prompt" in props:  # the OpenAI body: only what this model accepts is schema-valid
+            props["prompt"] = {**props["prompt"], "enum": openai_images.accepted_prompts(card.class_names)}
+            props["prompt"].pop("minLength", None)
+            props["prompt"].pop("maxLength", None)
+            size = f"{card.arch.image_size}x{card.arch.image_size}"
+            for key, only in (("model", card.name), ("size", size), ("response_format", "b64_json")):
+                props[key] = {"anyOf": [{"type": "string", "enum": [only]}, {"type": "null"}]}
 
 
 def model_card(engine: Engine) -> ModelCardResponse:

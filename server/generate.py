@@ -7,6 +7,7 @@ import base64
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -27,7 +28,8 @@ def _accepts_png(request: Request) -> bool:
     return "image/png" in accept and "application/json" not in accept
 
 
-async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateRequest:
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, or 415 / 400."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "content-type must be application/json", code="unsupported_media_type")
@@ -38,6 +40,11 @@ async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateR
         raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return obj
+
+
+def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> GenerateRequest:
+    """Schema and model/settings limits (422 naming the field); `steps` resolved from the card."""
     try:
         req = GenerateRequest.model_validate(obj)
     except ValidationError as e:
@@ -60,6 +67,16 @@ async def _parse(request: Request, st: ServerState, engine: Engine) -> GenerateR
             422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large"
         )
     return req
+
+
+def ready_engine(st: ServerState) -> Engine:
+    """The engine, or 503 while loading or draining (checked before the body is read)."""
+    if st.draining:
+        st.metrics.rejected.labels("draining").inc()
+        raise ApiError(503, "server is shutting down", code="draining", headers={"Retry-After": "1"})
+    if not st.ready or st.engine is None or st.batcher is None:
+        raise ApiError(503, "model is loading", code="not_ready", headers={"Retry-After": "5"})
+    return st.engine
 
 
 def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
@@ -96,30 +113,26 @@ def _encode(images: Any) -> list[bytes]:
 INLINE_ENCODE_BYTES = 4096
 
 
-async def generate(request: Request, st: ServerState) -> Any:
-    t_arrive = time.monotonic()
-    if st.draining:
-        st.metrics.rejected.labels("draining").inc()
-        raise ApiError(503, "server is shutting down", code="draining", headers={"Retry-After": "1"})
-    if not st.ready or st.engine is None or st.batcher is None:
-        raise ApiError(503, "model is loading", code="not_ready", headers={"Retry-After": "5"})
-    engine, batcher, m = st.engine, st.batcher, st.metrics
-    req = await _parse(request, st, engine)
-    steps = req.steps
-    assert steps is not None  # _parse resolved an omitted `steps` to the card's default
-    png = _accepts_png(request)
-    if png and req.n != 1:
-        raise ApiError(
-            406,
-            "Accept: image/png needs n = 1; use JSON for several images",
-            param="n",
-            code="not_acceptable",
-        )
+@dataclass
+class Served:
+    pngs: list[bytes]
+    seed: int  # image i's seed is seed + i
+    steps: int
+    timings: Timings
+
+
+async def serve(
+    request: Request, st: ServerState, req: GenerateRequest, t_arrive: float
+) -> Served | Response:
+    """Queue one validated request, wait for it (deadline, disconnect) and encode its images.
+    -> the images, or a bare 499 response when the client left; raises ApiError for the rest."""
+    assert st.batcher is not None and req.steps is not None
+    batcher, m = st.batcher, st.metrics
     timeout = _timeout(request, req, st.settings)
     seed = req.seed if req.seed is not None else secrets.randbits(62)
     rid = request_id_of(request.scope)
     job = Job(
-        steps=steps,
+        steps=req.steps,
         labels=[req.class_label] * req.n,
         seeds=[seed + i for i in range(req.n)],
         deadline=t_arrive + timeout,
@@ -173,21 +186,41 @@ async def generate(request: Request, st: ServerState) -> Any:
     timings = Timings(
         queue=result.queue_s * 1e3, compute=result.compute_s * 1e3, encode=encode_s * 1e3, total=total_s * 1e3
     )
-    name = engine.card.name
+    return Served(pngs, seed, req.steps, timings)
+
+
+async def generate(request: Request, st: ServerState) -> Any:
+    t_arrive = time.monotonic()
+    engine = ready_engine(st)
+    req = validate(await read_json(request), st, engine)
+    png = _accepts_png(request)
+    if png and req.n != 1:
+        raise ApiError(
+            406,
+            "Accept: image/png needs n = 1; use JSON for several images",
+            param="n",
+            code="not_acceptable",
+        )
+    served = await serve(request, st, req, t_arrive)
+    if isinstance(served, Response):
+        return served
+    name, seed, timings = engine.card.name, served.seed, served.timings
     if png:
         server_timing = ", ".join(f"{k};dur={v:.2f}" for k, v in timings.model_dump().items())
         headers = {
             "x-seed": str(seed),
             "x-model": name,
-            "x-steps": str(steps),
+            "x-steps": str(served.steps),
             "server-timing": server_timing,
             "x-class-label": "null" if req.class_label is None else str(req.class_label),
         }
-        return Response(pngs[0], media_type="image/png", headers=headers)
+        return Response(served.pngs[0], media_type="image/png", headers=headers)
     data = [
         ImageData(b64_json=base64.b64encode(p).decode(), seed=seed + i, class_label=req.class_label)
-        for i, p in enumerate(pngs)
+        for i, p in enumerate(served.pngs)
     ]
-    body = GenerateResponse(model=name, steps=steps, created=int(time.time()), data=data, timings_ms=timings)
+    body = GenerateResponse(
+        model=name, steps=served.steps, created=int(time.time()), data=data, timings_ms=timings
+    )
     # serialized once here: returning the model would make FastAPI validate it a second time
     return Response(body.model_dump_json(), media_type="application/json")

@@ -1,0 +1,138 @@
+"""POST /v1/images/generations: the OpenAI Images API over the same queue and batcher.
+
+Clients that already speak OpenAI's API (its SDKs among them) call it unchanged. The prompt of
+a class-conditional model names the class: its index, its name from the model card, or an
+English number word ("seven"). cmserve's own fields (`seed`, `steps`, `class_label`,
+`timeout_s`) ride along as extra body fields (the SDK's `extra_body`). Errors keep the
+`{"error": {...}}` shape; invalid values are 400 here, as OpenAI answers them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+
+from server.deps import ApiError, ServerState
+from server.errors import first_validation_error, request_id_of
+from server.generate import read_json, ready_engine, serve, validate
+from server.schemas import MAX_SEED, JsonInt
+
+log = logging.getLogger("cmserve.openai")
+
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)  # fmt: skip
+
+
+class ImagesRequest(BaseModel):
+    """OpenAI's `images.generate` body, as far as a class-conditional few-step model can honour
+    it, plus cmserve's own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        ..., min_length=1, max_length=1000, description="The class: index, name or number word."
+    )
+    model: str | None = Field(None, description="The served model's id (GET /v1/models); omitted = it.")
+    n: JsonInt = Field(1, ge=1, description="Number of images.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size.")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        "b64_json", description="b64_json; url needs a server that keeps images and is refused."
+    )
+    user: str | None = Field(None, max_length=256, description="End-user id, logged with the request id.")
+    # cmserve's fields
+    seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = None
+    steps: JsonInt | None = Field(None, ge=1, le=64)
+    class_label: Annotated[JsonInt, Field(ge=0)] | None = Field(
+        None, description="The class by index; when given, the prompt is not read."
+    )
+    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = None
+
+
+def accepted_prompts(class_names: tuple[str, ...]) -> list[str]:
+    """Every prompt form `resolve_class` accepts (case and surrounding spaces aside)."""
+    forms = [*class_names, *map(str, range(len(class_names))), *NUMBER_WORDS[: len(class_names)]]
+    return list(dict.fromkeys(forms))
+
+
+def resolve_class(prompt: str, class_names: tuple[str, ...]) -> int:
+    """A prompt naming a class -> its index; 400 listing what is accepted otherwise."""
+    p = prompt.strip().lower()
+    names = [c.lower() for c in class_names]
+    if p in names:
+        return names.index(p)
+    if p.isdigit() and int(p) < len(names):
+        return int(p)
+    if p in NUMBER_WORDS and NUMBER_WORDS.index(p) < len(names):
+        return NUMBER_WORDS.index(p)
+    shown = ", ".join(repr(n) for n in class_names[:12]) + (", ..." if len(class_names) > 12 else "")
+    words = f"'{NUMBER_WORDS[0]}'..'{NUMBER_WORDS[min(len(names), len(NUMBER_WORDS)) - 1]}'"
+    raise ApiError(
+        400,
+        f"prompt {prompt[:60]!r} names no class of this model; accepted: an index 0..{len(names) - 1}, "
+        f"a class name ({shown}) or an English number word ({words})",
+        param="prompt",
+        code="unknown_class",
+    )
+
+
+async def images_generations(request: Request, st: ServerState) -> Any:
+    t_arrive = time.monotonic()
+    engine = ready_engine(st)
+    obj = await read_json(request)
+    try:
+        oreq = ImagesRequest.model_validate(obj)
+    except ValidationError as e:
+        msg, param = first_validation_error(list(e.errors()))
+        raise ApiError(400, msg, param=param, code="invalid_value") from None
+    card = engine.card
+    if oreq.response_format == "url":
+        raise ApiError(
+            400,
+            "response_format 'url' needs a server that keeps images; this one returns them inline: "
+            "use 'b64_json'",
+            param="response_format",
+            code="unsupported_value",
+        )
+    if oreq.model is not None and oreq.model != card.name:
+        msg = f"model {oreq.model!r} is not served here; it serves {card.name!r}"
+        raise ApiError(404, msg, param="model", code="model_not_found")
+    own_size = f"{card.arch.image_size}x{card.arch.image_size}"
+    if oreq.size is not None and oreq.size != own_size:
+        raise ApiError(
+            400, f"size must be {own_size!r}, the model's own", param="size", code="unsupported_value"
+        )
+    label = oreq.class_label if oreq.class_label is not None else resolve_class(oreq.prompt, card.class_names)
+    fields = {
+        "class_label": label,
+        "n": oreq.n,
+        "seed": oreq.seed,
+        "steps": oreq.steps,
+        "timeout_s": oreq.timeout_s,
+    }
+    try:
+        req = validate({k: v for k, v in fields.items() if v is not None}, st, engine)
+    except ApiError as e:
+        if e.status != 422:
+            raise
+        raise ApiError(400, e.message, param=e.param, code=e.code, headers=e.headers) from None
+    if oreq.user:
+        log.info("images.generations request %s for user %r", request_id_of(request.scope), oreq.user)
+    served = await serve(request, st, req, t_arrive)
+    if isinstance(served, Response):
+        return served
+    revised = card.class_names[label] if label < len(card.class_names) else str(label)
+    data = [
+        {"b64_json": base64.b64encode(png).decode(), "revised_prompt": revised, "seed": served.seed + i}
+        for i, png in enumerate(served.pngs)
+    ]
+    body = {"created": int(time.time()), "data": data, "model": card.name, "steps": served.steps}
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
