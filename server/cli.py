@@ -127,6 +127,59 @@ def cmd_eval(args: argparse.Namespace) -> None:
     eval_main(args)
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Images from a running server into a folder (and a grid), in chunks of --chunk."""
+    from pathlib import Path
+
+    from server.client import Client, CmserveError
+
+    label = None if args.class_label.lower() in ("none", "null", "-") else int(args.class_label)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs: list[bytes] = []
+    seed = args.seed
+    try:
+        with Client(args.url, api_key=args.api_key or os.environ.get("CMSERVE_API_KEY")) as client:
+            while len(pngs) < args.n:
+                k = min(args.chunk, args.n - len(pngs))
+                res = client.generate(class_label=label, n=k, seed=seed, steps=args.steps)
+                seed = res.seeds[-1] + 1  # the next chunk continues the seed sequence
+                for png, s in zip(res.pngs, res.seeds):
+                    (out / f"{'none' if label is None else label}_{s}.png").write_bytes(png)
+                pngs += res.pngs
+                if args.n > args.chunk:
+                    print(f"\r{len(pngs)}/{args.n} images", end="", file=sys.stderr, flush=True)
+    except CmserveError as e:
+        sys.exit(f"cmserve generate: {e}")
+    except httpx_errors() as e:
+        sys.exit(f"cmserve generate: cannot reach {args.url}: {e}")
+    if args.n > args.chunk:
+        print(file=sys.stderr)
+    if args.grid:
+        _save_grid(pngs, args.grid)
+    print(f"{len(pngs)} images in {out}" + (f", grid in {args.grid}" if args.grid else ""))
+
+
+def httpx_errors() -> type[Exception]:
+    import httpx
+
+    return httpx.TransportError
+
+
+def _save_grid(pngs: list[bytes], path: str, cols: int = 8) -> None:
+    import io
+
+    from PIL import Image
+
+    imgs = [Image.open(io.BytesIO(p)) for p in pngs]
+    w, h = imgs[0].size
+    rows = -(-len(imgs) // cols)
+    grid = Image.new(imgs[0].mode, (w * min(cols, len(imgs)), h * rows))
+    for i, im in enumerate(imgs):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    grid.save(path)
+
+
 BENCH_MISSING = (
     "cmserve bench: the benchmarks live in the source tree's bench/ package, not in the installed "
     "server; run them from a checkout, with the bench extra: pip install -e '.[bench]'"
@@ -169,6 +222,18 @@ def main(argv: list[str] | None = None) -> None:
         "--from-teacher", default="", help="skip the teacher phase: tune from this teacher checkpoint"
     )
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="images from a running server into a folder")
+    p.add_argument("class_label", help="class index, or 'none' for unconditional")
+    p.add_argument("-n", type=int, default=1, help="number of images")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=None, help="first seed (image i gets seed + i)")
+    p.add_argument("-o", "--out", default=".", help="folder for the PNGs (<class>_<seed>.png)")
+    p.add_argument("--grid", default="", help="also write all images as one grid PNG here")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default="", help="bearer key (or CMSERVE_API_KEY)")
+    p.add_argument("--chunk", type=int, default=16, help="images per request (the server's max n)")
+    p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("eval", help="FLD / class accuracy / speed of the samplers")
     from models.evaluate import add_args as eval_args
