@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -51,12 +53,10 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         task = asyncio.create_task(_start(st))
         st.tasks.add(task)
         yield
-        st.draining = True
-        metrics.draining.set(1)
-        metrics.ready.set(0)
+        left = st.begin_drain()  # a no-op past DrainingServer's signal: its budget runs on
         if st.batcher is not None:
-            await st.batcher.drain(settings.shutdown_grace_s)
-            await st.batcher.stop()
+            await st.batcher.drain(left)
+            await st.batcher.stop()  # answers whatever the grace period did not cover
         task.cancel()
         st.encode_pool.shutdown(wait=False)
         if st.engine is not None:
@@ -272,3 +272,38 @@ async def _start(st: ServerState) -> None:
     except Exception as e:
         st.load_error = f"{type(e).__name__}: {e}"
         log.exception("start-up failed")
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: /readyz and new requests get 503 at once, queued and running
+    requests finish, then uvicorn's own shutdown waits for open connections and closes the
+    sockets — all within one `shutdown_grace_s` (`ServerState.begin_drain`). A second signal
+    exits without waiting."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.cm = state
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.cm.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+            super().handle_exit(sig, frame)
+            return
+        self.cm.begin_drain()
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(self._start_drain, loop)
+
+    def _start_drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._drain_task = loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        if self.cm.batcher is not None:
+            # the last second of the budget is kept for answering and closing connections:
+            # whatever has not run by then gets its 503 now, before uvicorn's own wait (which
+            # would cancel a request still waiting, an answer lost)
+            if not await self.cm.batcher.drain(max(0.0, self.cm.begin_drain() - 1.0)):
+                await self.cm.batcher.stop()
+        await asyncio.sleep(0.05)  # let the last responses reach their sockets
+        # uvicorn then waits for open connections, within what is left of the same budget
+        self.config.timeout_graceful_shutdown = max(1, int(self.cm.begin_drain()))
+        self.should_exit = True

@@ -138,7 +138,9 @@ class Batcher:
             return False
 
     async def stop(self) -> None:
-        """Stop the loop; whatever is still queued gets `Draining` (every request one answer)."""
+        """Stop the loop; whatever is still queued, and a batch still in flight, gets `Draining`
+        (every request one answer)."""
+        in_flight = list(self._running)  # the loop's `finally` forgets them when cancelled
         if self._task is not None:
             self._task.cancel()
             try:
@@ -146,7 +148,8 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         while self._pending:
-            job = self._pending.popleft()
+            in_flight.append(self._pending.popleft())
+        for job in in_flight:
             if not job.future.done():
                 job.future.set_exception(Draining())
         self._queued_images = 0

@@ -7,13 +7,10 @@ environment (flags win).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
-import signal
 import sys
-import time
 from typing import Any
 
 import uvicorn
@@ -48,7 +45,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from models.checkpoint import CheckpointError
-    from server.app import create_app
+    from server.app import DrainingServer, create_app
     from server.engine import Engine
     from server.metrics import Metrics
 
@@ -69,43 +66,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
     )
     DrainingServer(config, app.state.cm).run()
-
-
-class DrainingServer(uvicorn.Server):
-    """On the first SIGTERM/SIGINT: /readyz -> 503 and new requests -> 503 at once, queued and
-    running requests finish (up to shutdown_grace_s), then uvicorn's own shutdown closes the
-    sockets. A second signal exits without waiting."""
-
-    def __init__(self, config: uvicorn.Config, state: Any) -> None:
-        super().__init__(config)
-        self.cm = state
-        self._drain_task: asyncio.Task[None] | None = None
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        if self.cm.draining or sig not in (signal.SIGTERM, signal.SIGINT):
-            super().handle_exit(sig, frame)
-            return
-        self.cm.draining = True
-        self.cm.metrics.draining.set(1)
-        self.cm.metrics.ready.set(0)
-        logging.getLogger("cmserve").info(
-            "draining: %s", self.cm.batcher.snapshot() if self.cm.batcher else {}
-        )
-        loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(self._start_drain, loop)
-
-    def _start_drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._drain_task = loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        t0 = time.monotonic()
-        grace = self.cm.settings.shutdown_grace_s
-        if self.cm.batcher is not None:
-            await self.cm.batcher.drain(grace)
-        await asyncio.sleep(0.05)  # let the last responses reach their sockets
-        # uvicorn then waits for open connections, within what is left of the grace period
-        self.config.timeout_graceful_shutdown = max(1, int(grace - (time.monotonic() - t0)))
-        self.should_exit = True
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -14,6 +16,8 @@ from server.batcher import Batcher
 from server.engine import Engine
 from server.metrics import Metrics
 from server.settings import Settings
+
+log = logging.getLogger("cmserve")
 
 
 @dataclass
@@ -29,6 +33,20 @@ class ServerState:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="cmserve-encode")
     )
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    drain_deadline: float | None = None  # time.monotonic() by which the whole drain must end
+
+    def begin_drain(self) -> float:
+        """Enter draining (idempotent): /readyz and new requests answer 503 from now on. The
+        whole drain — queued and running requests, then open connections — shares one budget
+        of `shutdown_grace_s` from the first call; -> seconds of it left."""
+        if not self.draining:
+            self.draining = True
+            self.metrics.draining.set(1)
+            self.metrics.ready.set(0)
+            self.drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
+            log.info("draining: %s", self.batcher.snapshot() if self.batcher else {})
+        assert self.drain_deadline is not None
+        return max(0.0, self.drain_deadline - time.monotonic())
 
 
 class ApiError(Exception):

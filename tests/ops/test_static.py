@@ -99,3 +99,25 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
         (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )
     assert prov["datasources"][0]["uid"] == dash["panels"][0]["datasource"]["uid"]
+
+
+def test_termination_grace_covers_prestop_and_the_servers_drain() -> None:
+    """The pod's grace period must hold the preStop sleep plus the server's whole drain, which
+    `shutdown_grace_s` bounds (tests/reliability/test_shutdown.py: exit within grace + 2 s)."""
+    import re
+
+    dep = next(
+        d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "deployment.yaml").read_text())
+        if d and d.get("kind") == "Deployment"
+    )  # fmt: skip
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "cmserve"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    grace = float(env["CMSERVE_SHUTDOWN_GRACE_S"])
+    pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+    sleep_s = float(re.search(r"sleep\((\d+(?:\.\d+)?)\)", pre_stop).group(1))  # type: ignore[union-attr]
+    assert pod["terminationGracePeriodSeconds"] >= sleep_s + grace + 2, (
+        pod["terminationGracePeriodSeconds"],
+        sleep_s,
+        grace,
+    )

@@ -21,9 +21,17 @@ from tests.procs import serve_process
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_drains_queued_and_running_requests(tiny_ckpt: Path, tmp_path: Path) -> None:
-    grace = 8
-    env = {"FAULT_SLOW_MS": "300"}  # every batch takes >= 300 ms, so work is queued at SIGTERM
+@pytest.mark.parametrize(
+    ("grace", "slow_ms"),
+    [
+        (8, 300),  # the queue drains well inside the grace period
+        (2, 1500),  # it cannot: what is left gets 503 and the whole drain still ends in time
+    ],
+)
+def test_sigterm_drains_queued_and_running_requests(
+    tiny_ckpt: Path, tmp_path: Path, grace: int, slow_ms: int
+) -> None:
+    env = {"FAULT_SLOW_MS": str(slow_ms)}  # every batch takes >= slow_ms, so work is queued at SIGTERM
     args = (
         "--checkpoint",
         str(tiny_ckpt),

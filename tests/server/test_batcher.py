@@ -185,3 +185,23 @@ async def test_max_wait_holds_a_partial_batch_for_company() -> None:
     await asyncio.wait_for(asyncio.gather(a.future, c.future), 2)
     assert s.batches == [(2, [1, 2])]
     await b.stop()
+
+
+async def test_stop_answers_the_batch_in_flight_and_the_queue() -> None:
+    """stop() while a batch runs: its requests and the queued ones each get Draining."""
+    s = FakeSampler()
+    s.gate.clear()  # the first batch blocks in the sampler
+    b = _batcher(s, max_batch_size=2)
+    running, queued = _job(2, [1, 2], "run"), _job(2, [3], "queued")
+    b.submit(running)
+    for _ in range(100):
+        if b.snapshot()["running_requests"]:
+            break
+        await asyncio.sleep(0.01)
+    b.submit(queued)
+    stopper = asyncio.create_task(b.stop())
+    await asyncio.sleep(0.05)
+    s.gate.set()  # let the executor thread finish so stop() can shut it down
+    await asyncio.wait_for(stopper, 5)
+    for job in (running, queued):
+        assert job.future.done() and isinstance(job.future.exception(), Draining), job.request_id
