@@ -297,12 +297,12 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = loop.create_task(self._drain())
 
     async def _drain(self) -> None:
-        if self.cm.batcher is not None:
-            # the last second of the budget is kept for answering and closing connections:
-            # whatever has not run by then gets its 503 now, before uvicorn's own wait (which
-            # would cancel a request still waiting, an answer lost)
-            if not await self.cm.batcher.drain(max(0.0, self.cm.begin_drain() - 1.0)):
-                await self.cm.batcher.stop()
+        # the last second of the budget is kept for answering and closing connections: whatever
+        # has not run by then gets its 503 now, before uvicorn's own wait (which would cancel a
+        # request still waiting: an answer lost)
+        batcher = self.cm.batcher
+        if batcher is not None and not await batcher.drain(max(0.0, self.cm.begin_drain() - 1.0)):
+            await batcher.stop()
         await asyncio.sleep(0.05)  # let the last responses reach their sockets
         # uvicorn then waits for open connections, within what is left of the same budget
         self.config.timeout_graceful_shutdown = max(1, int(self.cm.begin_drain()))
