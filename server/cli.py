@@ -156,6 +156,17 @@ def _checkout_on_path() -> None:
         sys.path.append(str(root))
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> bool:
+    """The bench subcommands' arguments, where the checkout's bench/ is importable."""
+    _checkout_on_path()
+    try:
+        from bench.cli import add_args
+    except ImportError:
+        return False
+    add_args(p)
+    return True
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     _checkout_on_path()
     try:
@@ -195,20 +206,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=16, help="images per request (the server's max n)")
     p.set_defaults(fn=cmd_generate)
 
+    # eval and bench bring torch-heavy tooling: their arguments are only built when asked for,
+    # so `cmserve serve` (and its --help) never imports them
+    cmd = (sys.argv[1:] if argv is None else argv)[:1]
     p = sub.add_parser("eval", help="FLD / class accuracy / speed of the samplers")
-    from models.evaluate import add_args as eval_args
+    if cmd == ["eval"]:
+        from models.evaluate import add_args as eval_args
 
-    eval_args(p)
+        eval_args(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks (from a checkout): sampler, server, frontend, threads")
-    try:
-        _checkout_on_path()
-        from bench.cli import add_args as bench_args
-    except ImportError:
+    if not (cmd == ["bench"] and _add_bench_args(p)):
         p.add_argument("what", nargs="*", help=argparse.SUPPRESS)  # cmd_bench says what is missing
-    else:
-        bench_args(p)
     p.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)

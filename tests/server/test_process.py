@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.procs import serve_process
+from tests.procs import ROOT, serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -50,3 +52,17 @@ def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -
         assert 'cmserve_request_duration_seconds_bucket{le="0.001",route="/v1/generate"}' in after
         assert _sample(after, "cmserve_queue_depth_images") == 0
         assert _sample(after, "cmserve_inflight_requests") == 0
+
+
+def test_serve_help_imports_no_tooling() -> None:
+    """`cmserve serve --help` builds its parser without torch, the eval or the benchmarks."""
+    code = (
+        "import sys\n"
+        "from server.cli import main\n"
+        "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('torch', 'models.evaluate', 'bench', 'matplotlib', 'litserve')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[]"
