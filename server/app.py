@@ -78,6 +78,16 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout"],
+            # what a browser client may read of an answer: its seed and ids, timings, backoff
+            expose_headers=[
+                "x-request-id",
+                "x-seed",
+                "x-model",
+                "x-steps",
+                "x-class-label",
+                "server-timing",
+                "retry-after",
+            ],  # fmt: skip
         )
 
     @app.exception_handler(ApiError)

@@ -111,6 +111,7 @@ def _encode(images: Any) -> list[bytes]:
 # the GIL and a core (see cmserve_encode_seconds); bigger payloads go to the pool so the event
 # loop never stalls for long.
 INLINE_ENCODE_BYTES = 4096
+JS_SAFE_SEEDS = 2**53
 
 
 @dataclass
@@ -129,7 +130,9 @@ async def serve(
     assert st.batcher is not None and req.steps is not None
     batcher, m = st.batcher, st.metrics
     timeout = _timeout(request, req, st.settings)
-    seed = req.seed if req.seed is not None else secrets.randbits(62)
+    # a random seed stays below 2^53 with all of its n images: JavaScript's JSON numbers (and so
+    # every browser client) represent integers exactly only up to there
+    seed = req.seed if req.seed is not None else secrets.randbelow(JS_SAFE_SEEDS - req.n + 1)
     rid = request_id_of(request.scope)
     job = Job(
         steps=req.steps,

@@ -95,6 +95,9 @@ def test_protected_ops_endpoints_and_configured_cors(tiny_ckpt: Path, tmp_path: 
             "/v1/generate", headers={"origin": "https://app.example", "access-control-request-method": "POST"}
         )
         assert pre.headers.get("access-control-allow-origin") == "https://app.example"
+        got = c.post("/v1/generate", json={"seed": 3}, headers={**ok, "origin": "https://app.example"})
+        exposed = {h.strip() for h in got.headers.get("access-control-expose-headers", "").split(",")}
+        assert {"x-request-id", "x-seed", "server-timing", "retry-after"} <= exposed, exposed
         pre = c.options(
             "/v1/generate",
             headers={"origin": "https://evil.example", "access-control-request-method": "POST"},

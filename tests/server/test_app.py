@@ -52,6 +52,9 @@ async def test_random_seed_is_returned_and_reproduces(tiny_ckpt: Path) -> None:
     async with app_client(_settings(tiny_ckpt)) as (c, _):
         r = (await c.post("/v1/generate", json={"class_label": None, "steps": 1})).json()
         seed = r["data"][0]["seed"]
+        assert 0 <= seed < 2**53  # exact as a JavaScript number
+        many = (await c.post("/v1/generate", json={"n": 4, "steps": 1})).json()
+        assert all(d["seed"] < 2**53 for d in many["data"])
         again = (await c.post("/v1/generate", json={"seed": seed, "steps": 1})).json()
         assert again["data"][0]["b64_json"] == r["data"][0]["b64_json"]
         assert r["data"][0]["class_label"] is None
