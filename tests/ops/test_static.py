@@ -121,3 +121,29 @@ def test_termination_grace_covers_prestop_and_the_servers_drain() -> None:
         sleep_s,
         grace,
     )
+
+
+def test_prometheusrule_equals_the_rules_files() -> None:
+    """The cluster's PrometheusRule carries exactly the groups the compose stack loads."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", DEPLOY / "kubernetes" / "gen_prometheusrule.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    committed = yaml.safe_load((DEPLOY / "kubernetes" / "prometheusrule.yaml").read_text())
+    assert committed == gen.manifest(), "rerun deploy/kubernetes/gen_prometheusrule.py"
+    assert committed["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    names = {r.get("record") or r.get("alert") for g in committed["spec"]["groups"] for r in g["rules"]}
+    assert "job:cmserve_request_duration_seconds:p99_rate1m" in names
+
+
+def test_podmonitor_job_matches_the_rules() -> None:
+    """`up{job="cmserve"}` and the dashboard's job selectors match what the operator scrapes."""
+    pm = yaml.safe_load((DEPLOY / "kubernetes" / "podmonitor.yaml").read_text())
+    dep = yaml.safe_load((DEPLOY / "kubernetes" / "deployment.yaml").read_text())
+    label = pm["spec"]["jobLabel"]
+    assert dep["spec"]["template"]["metadata"]["labels"][label] == "cmserve"
+    alerts = (DEPLOY / "prometheus" / "rules" / "cmserve-alerts.yml").read_text()
+    assert 'job="cmserve"' in alerts
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
