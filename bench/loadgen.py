@@ -193,7 +193,13 @@ async def closed_loop(
 
 
 async def concurrent_loop(
-    host: str, port: int, concurrency: int, duration_s: float, seed: int = 0, path: str = "/v1/generate"
+    host: str,
+    port: int,
+    concurrency: int,
+    duration_s: float,
+    seed: int = 0,
+    path: str = "/v1/generate",
+    n: int = 1,
 ) -> RunResult:
     """`concurrency` clients, each sending its next request as soon as its last is answered, for
     `duration_s`: the most the server sustains (a throughput ceiling, not a latency figure)."""
@@ -206,12 +212,12 @@ async def concurrent_loop(
     async def worker() -> None:
         while time.perf_counter() < end:
             t = time.perf_counter()
-            status, _ = await client.post(path, make_body(rng))
+            status, _ = await client.post(path, make_body(rng, n=n))
             res.sent += 1
             res.statuses[status] = res.statuses.get(status, 0) + 1
             if 200 <= status < 300:
                 res.latencies_ok.append(time.perf_counter() - t)
-                res.images_ok += 1
+                res.images_ok += n
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     res.wall_s = time.perf_counter() - t0

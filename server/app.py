@@ -19,11 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import openai_images
 from server.batcher import Batcher
-from server.deps import ApiError, ServerState, State, check_key, require_key, require_key_ops
+from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
 from server.engine import Engine
 from server.errors import EdgeMiddleware, error_response, first_validation_error, request_id_of
 from server.generate import generate as handle_generate
 from server.metrics import Metrics
+from server.ops_listener import OpsServer
 from server.schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -52,6 +53,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_start(st))
         st.tasks.add(task)
+        ops = OpsServer(st, settings.host, settings.ops_port).start() if settings.ops_port else None
         yield
         left = st.begin_drain()  # a no-op past DrainingServer's signal: its budget runs on
         if st.batcher is not None:
@@ -59,6 +61,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
             await st.batcher.stop()  # answers whatever the grace period did not cover
         task.cancel()
         st.encode_pool.shutdown(wait=False)
+        if ops is not None:
+            ops.stop()
         if st.engine is not None:
             st.engine.close(wait=False)  # a batch still running finishes
 
@@ -131,10 +135,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     async def readyz(st: State) -> Any:
         """200 once the model is loaded and warmed up at every bucket and step count; 503 before,
         while draining, and if loading failed."""
-        if st.ready and not st.draining:
-            return {"status": "ready"}
-        status = "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
-        return JSONResponse({"status": status}, status_code=503)
+        code, status = readiness(st)
+        return {"status": status} if code == 200 else JSONResponse({"status": status}, status_code=code)
 
     @app.get("/metrics", dependencies=[Depends(require_key_ops)], response_class=Response)
     async def metrics_route(st: State) -> Response:

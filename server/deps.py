@@ -70,18 +70,29 @@ async def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def check_key(request: Request, st: ServerState) -> None:
-    keys = st.settings.api_keys
+def key_ok(authorization: str, keys: list[str]) -> bool:
+    """Whether an Authorization header carries one of `keys` (none configured: always)."""
     if not keys:
-        return
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
+        return True
+    scheme, _, token = authorization.partition(" ")
     ok = False
     if scheme.lower() == "bearer" and token:
         # compare against every key so the time taken does not tell which (or whether one) matched
         for k in keys:
             ok |= hmac.compare_digest(token.encode(), k.encode())
-    if not ok:
+    return ok
+
+
+def readiness(st: ServerState) -> tuple[int, str]:
+    """(HTTP status, status word) of /readyz: 200 once loaded and warmed up at every bucket and
+    step count; 503 before, while draining, and if loading failed."""
+    if st.ready and not st.draining:
+        return 200, "ready"
+    return 503, "draining" if st.draining else ("failed: " + st.load_error if st.load_error else "loading")
+
+
+def check_key(request: Request, st: ServerState) -> None:
+    if not key_ok(request.headers.get("authorization", ""), st.settings.api_keys):
         raise ApiError(
             401, "missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )

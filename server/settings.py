@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         default_factory=list, description="Bearer API keys, comma-separated; empty = no auth."
     )
     api_keys_file: str = Field("", description="File with one API key per line (added to api_keys).")
+    ops_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Also serve /healthz, /readyz and /metrics on this port, from a thread of their own, "
+        "so probes and scrapes answer however busy the API is; 0 = only on the main port.",
+    )
     protect_ops_endpoints: bool = Field(
         False, description="Require the API key on /healthz, /readyz and /metrics too."
     )

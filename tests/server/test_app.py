@@ -9,6 +9,7 @@ import io
 import threading
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -271,3 +272,24 @@ async def test_max_batch_size_zero_is_chosen_at_warmup(tiny_ckpt: Path) -> None:
         assert f"cmserve_max_batch_size_images {float(chosen)}" in (await c.get("/metrics")).text
     async with app_client(_settings(tiny_ckpt)) as (c, app):  # a set value is kept
         assert app.state.cm.batcher.max_batch_size == 8
+
+
+async def test_ops_port_serves_health_readiness_and_metrics(tiny_ckpt: Path) -> None:
+    from bench.procs import free_port
+
+    port = free_port()
+    settings = _settings(tiny_ckpt, ops_port=port, api_keys=["k"], protect_ops_endpoints=True)
+    async with app_client(settings) as (c, app):
+        ops = f"http://127.0.0.1:{port}"
+        auth = {"authorization": "Bearer k"}
+        async with httpx.AsyncClient(base_url=ops, timeout=5) as o:
+            assert (await o.get("/healthz")).status_code == 401  # protected like the main port's
+            assert (await o.get("/healthz", headers=auth)).json() == {"status": "ok"}
+            r = await o.get("/readyz", headers=auth)
+            assert (r.status_code, r.json()) == (200, {"status": "ready"})
+            m = await o.get("/metrics", headers=auth)
+            assert m.status_code == 200 and "cmserve_ready 1.0" in m.text
+            assert (await o.get("/v1/models", headers=auth)).status_code == 404
+            app.state.cm.begin_drain()
+            r = await o.get("/readyz", headers=auth)
+            assert (r.status_code, r.json()) == (503, {"status": "draining"})
