@@ -69,7 +69,7 @@ class DiTConfig:
 
 
 PRESETS: dict[str, DiTConfig] = {
-    # The shipped MNIST model: 49 tokens of width 192, head dim 32, ~4.5M parameters.
+    # The shipped MNIST model: 49 tokens of width 192, head dim 32, 4.2 M parameters.
     "mnist-s": DiTConfig(),
     # Small enough for unit tests and the placeholder checkpoint: 16 tokens of width 32.
     "tiny": DiTConfig(patch_size=7, width=32, depth=2, num_heads=2),

@@ -15,8 +15,9 @@ from torch import nn
 SIGMA_D = 0.5
 T_MAX = math.atan(80.0 / SIGMA_D)  # σ = σ_d·tan(t) = 80, the EDM σ_max  (≈ 1.5645)
 
-# Re-noising times per step count; step 1 always starts at t_max. Two steps re-noise at
-# t_mid = 1.1 as every sCM table does; the others are a descending grid tuned on the eval.
+# Re-noising times per step count for a newly trained model; step 1 always starts at t_max, two
+# steps re-noise at t_mid = 1.1 as every sCM table does. `cmserve eval --tune-schedules` searches
+# them per model by FLD and writes its choice into the model's card (the shipped card's differ).
 DEFAULT_SCHEDULES: dict[int, tuple[float, ...]] = {
     1: (T_MAX,),
     2: (T_MAX, 1.1),
@@ -34,8 +35,26 @@ def t_to_sigma(t: torch.Tensor, sigma_d: float = SIGMA_D) -> torch.Tensor:
 
 
 def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t: [B] -> [B, 1, 1, 1] in x's dtype (time math stays fp32 until here)."""
+    """t: [B] (or a scalar) -> [B, 1, 1, 1] in x's dtype (time math stays fp32 until here)."""
     return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+# The TrigFlow formulas, one place for the samplers, the losses and the model. t: [B] or a
+# scalar tensor, x0 and z: [B, C, H, W] with z ~ N(0, I).
+def noise_to(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor, sigma_d: float = SIGMA_D) -> torch.Tensor:
+    """x_t = cos(t)·x0 + sin(t)·σ_d·z: the forward process (and the samplers' re-noising)."""
+    return _bcast(torch.cos(t), x0) * x0 + _bcast(torch.sin(t), x0) * sigma_d * z
+
+
+def v_target(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor, sigma_d: float = SIGMA_D) -> torch.Tensor:
+    """v = dx_t/dt = cos(t)·σ_d·z − sin(t)·x0: what σ_d·F learns (the diffusion target)."""
+    return _bcast(torch.cos(t), x0) * sigma_d * z - _bcast(torch.sin(t), x0) * x0
+
+
+def ddim_step(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """One deterministic PF-ODE step from t to s, exact for a locally constant velocity v:
+    x_s = cos(t − s)·x_t − sin(t − s)·v."""
+    return _bcast(torch.cos(t - s), x_t) * x_t - _bcast(torch.sin(t - s), x_t) * v
 
 
 class TrigFlow(nn.Module):

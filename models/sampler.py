@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from models.consistency import ddim_step, noise_to
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -29,7 +31,7 @@ def consistency_sample(
     x0 = torch.zeros_like(noise[0])
     for i in range(S):
         t = times[i].expand(B)
-        x = torch.cos(times[i]) * x0 + torch.sin(times[i]) * sigma_d * noise[i]
+        x = noise_to(x0, noise[i], times[i], sigma_d)
         x0 = f(x, t, labels)
     return x0
 
@@ -46,5 +48,5 @@ def ode_sample(
     x = torch.sin(times[0]) * sigma_d * noise
     for i in range(times.shape[0] - 1):
         t, s = times[i], times[i + 1]
-        x = torch.cos(t - s) * x - torch.sin(t - s) * velocity(x, t.expand(B), labels)
+        x = ddim_step(x, velocity(x, t.expand(B), labels), t, s)
     return x

@@ -1,12 +1,16 @@
-"""`cmserve train`: a TrigFlow diffusion teacher, then ECT consistency tuning from it.
+"""`cmserve train`: a TrigFlow diffusion teacher, then a few-step consistency model from it.
 
-Phase 1 (teacher): v-prediction loss ‖F − v/σ_d‖², v = cos(t)·σ_d·z − sin(t)·x0 (sCM §2),
-  τ ~ N(P_mean, P_std²), t = arctan(e^τ/σ_d), label dropout for the null class.
-Phase 2 (ECT, Geng et al. 2024): the network starts from the teacher's EMA; for t and r < t
-  with shared noise, loss d(f(x_t, t), sg f(x_r, r)) / (σ_t − σ_r) with σ = σ_d·tan t, the gap
-  halving over `ect_stages` stages (the weight in t, 1/(t − r), blew up in MODEL_NOTES' runs).
-The run is resumable (state.pt holds weights, EMA, optimizer, RNG and step) and deterministic
-given its seed and thread count.
+Phase 1 (teacher): v-prediction loss ‖F − v/σ_d‖² (sCM §2), τ ~ N(P_mean, P_std²),
+  t = arctan(e^τ/σ_d), label dropout for the null class (which classifier-free guidance uses).
+Phase 2, one of (`distill`):
+  ECT (Geng et al. 2024): the network starts from the teacher's EMA; for t and r < t with shared
+  noise, loss d(f(x_t, t), sg f(x_r, r)) / (σ_t − σ_r), σ = σ_d·tan t, the gap halving over
+  `ect_stages` stages (a weight in t, 1/(t − r), blew up near t_max);
+  CD (Song et al. 2023): the same loss, x_r one step of the teacher's guided ODE from x_t, so
+  guidance is baked into the few-step model.
+The losses are in `models.losses`, the TrigFlow formulas in `models.consistency`. The run is
+resumable (state.pt holds weights, EMA, optimizer, RNG and step) and deterministic given its
+seed and thread count.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import torch
 
 from models.checkpoint import ModelCard, save_checkpoint
 from models.config import PRESETS
-from models.consistency import DEFAULT_SCHEDULES, SIGMA_D, TrigFlow, teacher_times
+from models.consistency import DEFAULT_SCHEDULES, SIGMA_D, TrigFlow, ddim_step, noise_to, teacher_times
 from models.data import CLASS_NAMES, load_split
 from models.dit import DiT
 from models.grid import save_grid
+from models.losses import consistency_loss, v_loss
 from models.sampler import consistency_sample, ode_sample
 
 
@@ -120,17 +125,6 @@ def ect_sigma_r(cfg: TrainConfig, k: int, sigma: torch.Tensor) -> torch.Tensor:
     return sigma_r_at(min(k * cfg.ect_stages // max(cfg.ect_steps, 1), cfg.ect_stages - 1), sigma)
 
 
-def v_loss(
-    model: TrigFlow, x0: torch.Tensor, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    """TrigFlow diffusion loss ‖F(x_t/σ_d, t) − v/σ_d‖², v = dx_t/dt = cos(t)·σ_d·z − sin(t)·x0.
-    x0, z: [B, C, H, W]; y, t: [B]."""
-    c, s = torch.cos(t)[:, None, None, None], torch.sin(t)[:, None, None, None]
-    x_t = c * x0 + s * SIGMA_D * z
-    v = c * SIGMA_D * z - s * x0
-    return (model.net(x_t / SIGMA_D, t, y) - v / SIGMA_D).pow(2).mean()
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, log: Any = print) -> None:
         self.cfg = cfg
@@ -207,40 +201,25 @@ class Trainer:
         return v_loss(self.model, x0, y, z, torch.atan(sigma / SIGMA_D))
 
     def ect_loss(self, k: int) -> torch.Tensor:
+        """ECT: x_r is the same data and noise at r < t; the gap shrinks stage by stage."""
         cfg = self.cfg
         x0, y, z = self._batch()
         sigma = torch.exp(cfg.ect_p_mean + cfg.ect_p_std * torch.randn(cfg.batch_size, generator=self.gen))
-        sigma_r = ect_sigma_r(cfg, k, sigma)
-        t, r = torch.atan(sigma / SIGMA_D), torch.atan(sigma_r / SIGMA_D)
-        bc = lambda a: a[:, None, None, None]  # noqa: E731
-        x_t = bc(torch.cos(t)) * x0 + bc(torch.sin(t)) * SIGMA_D * z
-        x_r = bc(torch.cos(r)) * x0 + bc(torch.sin(r)) * SIGMA_D * z  # same noise
-        pred = self.model(x_t, t, y)
-        with torch.no_grad():
-            target = self.model(x_r, r, y)  # f(x, 0) = x exactly, so r = 0 is plain denoising
-        d = (pred - target).pow(2).flatten(1).sum(1)
-        dist = torch.sqrt(d + cfg.huber_c**2) - cfg.huber_c  # pseudo-Huber
-        return (dist / (sigma - sigma_r)).mean()
+        t, r = torch.atan(sigma / SIGMA_D), torch.atan(ect_sigma_r(cfg, k, sigma) / SIGMA_D)
+        x_t, x_r = noise_to(x0, z, t), noise_to(x0, z, r)
+        return consistency_loss(self.model, x_t, t, x_r, r, y, cfg.huber_c)
 
     def cd_loss(self, k: int) -> torch.Tensor:
-        """Consistency distillation: x_r is one DDIM step of the guided teacher from x_t, and the
-        target the network itself at (x_r, r) under no_grad, as in `ect_loss`."""
+        """Consistency distillation: x_r is one DDIM step of the guided teacher from x_t."""
         cfg = self.cfg
         assert self.cd_teacher is not None
         x0, y, z = self._batch()
         sigma = torch.exp(cfg.ect_p_mean + cfg.ect_p_std * torch.randn(cfg.batch_size, generator=self.gen))
-        sigma_r = sigma_r_at(cfg.cd_gap_stage, sigma)
-        t, r = torch.atan(sigma / SIGMA_D), torch.atan(sigma_r / SIGMA_D)
-        bc = lambda a: a[:, None, None, None]  # noqa: E731
-        x_t = bc(torch.cos(t)) * x0 + bc(torch.sin(t)) * SIGMA_D * z
+        t, r = torch.atan(sigma / SIGMA_D), torch.atan(sigma_r_at(cfg.cd_gap_stage, sigma) / SIGMA_D)
+        x_t = noise_to(x0, z, t)
         with torch.no_grad():
-            v = self.cd_teacher.guided_velocity(x_t, t, y, cfg.cd_guidance)
-            x_r = bc(torch.cos(t - r)) * x_t - bc(torch.sin(t - r)) * v
-            target = self.model(x_r, r, y)
-        pred = self.model(x_t, t, y)
-        d = (pred - target).pow(2).flatten(1).sum(1)
-        dist = torch.sqrt(d + cfg.huber_c**2) - cfg.huber_c  # pseudo-Huber
-        return (dist / (sigma - sigma_r)).mean()
+            x_r = ddim_step(x_t, self.cd_teacher.guided_velocity(x_t, t, y, cfg.cd_guidance), t, r)
+        return consistency_loss(self.model, x_t, t, x_r, r, y, cfg.huber_c)
 
     def _enter_ect(self) -> None:
         """Teacher phase done: export it, then start consistency tuning from its EMA."""

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.train import run, v_loss
+from models.losses import v_loss
+from models.train import run
 from tests.procs import ROOT
 
 
