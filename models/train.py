@@ -102,7 +102,7 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
 
 
 def ema_decay(k: int, max_decay: float) -> float:
-    """Ramps from 0 so short runs do not keep the initial weights mixed in (MODEL_NOTES)."""
+    """Ramps from 0 so that a short run does not keep its initial weights mixed in."""
     return min(max_decay, (1.0 + k) / (10.0 + k))
 
 
