@@ -7,13 +7,14 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +37,7 @@ from server.schemas import (
 from server.settings import Settings
 
 log = logging.getLogger("cmserve.app")
+PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -120,6 +122,14 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         return error_response(
             500, "internal server error", request_id_of(request.scope), code="internal_error"
         )
+
+    if settings.playground:
+
+        @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+        async def playground() -> HTMLResponse:
+            """A page to try the model: no build step, no CDN, works offline (the key, if the
+            server has keys, is typed into the page and sent only to this server)."""
+            return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @app.get("/healthz", response_model=HealthResponse, dependencies=[Depends(require_key_ops)])
     async def healthz() -> dict[str, str]:

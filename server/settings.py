@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         description="Also serve /healthz, /readyz and /metrics on this port, from a thread of their own, "
         "so probes and scrapes answer however busy the API is; 0 = only on the main port.",
     )
+    playground: bool = Field(
+        True, description="Serve the playground page at / (off for locked-down deployments)."
+    )
     protect_ops_endpoints: bool = Field(
         False, description="Require the API key on /healthz, /readyz and /metrics too."
     )
