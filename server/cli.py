@@ -43,6 +43,29 @@ def _settings(args: argparse.Namespace) -> Any:
         sys.exit(f"cmserve: bad setting: {e}")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cmserve")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _check_ports_free(s: Any) -> None:
+    import socket
+
+    for port in (s.port, s.ops_port):
+        if not port:
+            continue
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                sock.bind((s.host, port))
+            except OSError as e:
+                sys.exit(f"cmserve: cannot listen on {s.host}:{port}: {e.strerror}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from models.checkpoint import CheckpointError
     from server.app import DrainingServer, create_app
@@ -51,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     s = _settings(args)
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_ports_free(s)  # before tens of seconds of loading and warm-up, not after them
     metrics = Metrics()
     try:
         engine = Engine(s, metrics)  # fail fast on a bad checkpoint, before binding the port
@@ -178,6 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cmserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cmserve {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP")

@@ -66,3 +66,35 @@ def test_serve_help_imports_no_tooling() -> None:
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_busy_port_fails_at_once(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A port already taken is reported before loading and warm-up, not after them."""
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--port",
+            str(port),
+        ]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in p.stderr
+    assert time.monotonic() - t0 < 15
+
+
+def test_version() -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "server.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 0 and p.stdout.startswith("cmserve ")
