@@ -49,7 +49,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tune-schedules",
         action="store_true",
-        help="search the re-noising times of 2-4 steps by FLD and write the best into the card",
+        help="search the re-noising times of 2-4 steps by FLD and write a card with the best",
+    )
+    p.add_argument(
+        "--tuned-card",
+        default="",
+        help="where --tune-schedules writes its card (default: <checkpoint>-tuned.json)",
     )
 
 
@@ -194,8 +199,14 @@ def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
     for k, v in found.items():
         raw["schedules"][k] = v["times"]
     raw["provenance"]["schedule_search"] = {"samples": n, "metric": "FLD vs 2,000 training images", **found}
-    js.write_text(json.dumps(raw, indent=2) + "\n")
-    load_checkpoint(js)  # still valid
+    # a new card beside the old one (same weights file): replacing a shipped card is a deliberate act
+    out = Path(args.tuned_card) if args.tuned_card else js.with_name(js.stem + "-tuned.json")
+    if out.resolve().parent != js.resolve().parent:
+        raise SystemExit(f"--tuned-card must sit beside {js} (it names the same weights file)")
+    out.write_text(json.dumps(raw, indent=2) + "\n")
+    load_checkpoint(out)  # still valid
+    args.checkpoint = str(out)  # the eval that follows measures the tuned schedules
+    print(json.dumps({"tuned_card": str(out)}))
     return found
 
 

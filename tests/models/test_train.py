@@ -134,3 +134,27 @@ def test_distill_must_be_known(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="distill"):
         run("tiny", str(tmp_path / "x"), {"distill": "sct"})
+
+
+def test_tune_schedules_writes_a_new_card(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """The search leaves the card it read alone and writes its choice into a card beside it."""
+    import argparse
+    import shutil
+
+    from models.evaluate import add_args, tune_schedules
+
+    ckpt = tmp_path / "tiny.json"
+    shutil.copy(tiny_ckpt, ckpt)
+    shutil.copy(tiny_ckpt.with_suffix(".safetensors"), tmp_path / "tiny.safetensors")
+    before = ckpt.read_text()
+    p = argparse.ArgumentParser()
+    add_args(p)
+    args = p.parse_args(["--checkpoint", str(ckpt), "--batch-size", "50"])
+    found = tune_schedules(args, n=20)
+    assert ckpt.read_text() == before
+    tuned = tmp_path / "tiny-tuned.json"
+    _, card = load_checkpoint(tuned)
+    assert args.checkpoint == str(tuned)
+    for steps, best in found.items():
+        assert list(card.schedules[int(steps)]) == best["times"]
+    assert "schedule_search" in card.provenance
