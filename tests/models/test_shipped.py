@@ -3,8 +3,10 @@ and its eval classifier really classifies."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.checkpoint import load_checkpoint
@@ -47,4 +49,36 @@ def test_shipped_model_draws_the_asked_digits() -> None:
     noise = torch.randn(2, 50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     x = consistency_sample(model, noise, y, torch.tensor(card.schedules[2]), card.sigma_d)
     acc = (clf(x.clamp(-0.5, 0.5)).argmax(1) == y).float().mean().item()
-    assert acc >= 0.85, acc
+    assert acc >= 0.92, acc  # 0.98 for the shipped model; the ECT model before it drew 0.885 on average
+
+
+SHIPPED_SHA256 = "82354ce968155e5fc9c337ae6b8014e64de3ad2ce902facd03aa7ad3a6c5673a"
+PINNED = Path(__file__).with_name("shipped_2step.npy")
+
+
+def pinned_images() -> np.ndarray:
+    """2-step samples of classes 0-9 from fixed noise: uint8 [10, 28, 28, 1]."""
+    from models.grid import to_uint8
+    from models.sampler import consistency_sample
+
+    model, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    noise = torch.randn(2, 10, 1, 28, 28, generator=torch.Generator().manual_seed(2026))
+    with torch.no_grad():
+        x = consistency_sample(model, noise, torch.arange(10), torch.tensor(card.schedules[2]), card.sigma_d)
+    return to_uint8(x)
+
+
+def test_shipped_images_are_pinned() -> None:
+    """Changing the shipped weights or schedules is a deliberate act: this test changes with
+    them (`python -c "from tests.models.test_shipped import repin; repin()"`). Pixels may move by
+    a level or two between CPUs (their float kernels round differently), no more."""
+    _, card = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert json.loads(DEFAULT_CHECKPOINT.read_text())["weights"]["sha256"] == SHIPPED_SHA256
+    got, want = pinned_images().astype(int), np.load(PINNED).astype(int)
+    assert got.shape == want.shape
+    diff = np.abs(got - want)
+    assert diff.max() <= 2 and (diff == 0).mean() >= 0.99, (diff.max(), (diff == 0).mean())
+
+
+def repin() -> None:
+    np.save(PINNED, pinned_images())
