@@ -22,7 +22,8 @@ from bench.roofline import wall_median
 WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
 
 
-def _engine(ckpt: Path, backend: str, dtype: str, buckets: list[int], device: str = "cuda") -> Any:
+def build_engine(ckpt: Path, backend: str, dtype: str, buckets: list[int], device: str = "cuda") -> Any:
+    """A warmed-up Engine ('graph' = captured on CUDA; off the GPU always eager)."""
     from server.engine import Engine
     from server.metrics import Metrics
     from server.settings import Settings
@@ -35,7 +36,9 @@ def _engine(ckpt: Path, backend: str, dtype: str, buckets: list[int], device: st
     return e
 
 
-def _compare(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> dict[str, Any]:
+def sample_pair(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same n images from `graph` (its kernels as configured) and from `eager` running the
+    torch reference ops. Labels cycle 0..9, seeds run from seed0."""
     labels: list[int | None] = [i % 10 for i in range(n)]
     seeds = list(range(seed0, seed0 + n))
     a = graph.call(graph.sample, steps, labels, seeds)
@@ -44,8 +47,20 @@ def _compare(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> dict[str
         b = eager.call(eager.sample, steps, labels, seeds)
     finally:
         kernels.use_reference(False)
+    return a, b
+
+
+def engine_pair(ckpt: Path, dtype: str, buckets: list[int], device: str = "cuda") -> tuple[Any, Any]:
+    """(captured engine, eager engine) of one checkpoint."""
+    return build_engine(ckpt, "graph", dtype, buckets, device), build_engine(
+        ckpt, "eager", dtype, buckets, device
+    )
+
+
+def _compare(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> dict[str, Any]:
     from models.grid import to_uint8
 
+    a, b = sample_pair(graph, eager, steps, n, seed0)
     ua, ub = to_uint8(a), to_uint8(b)
     return {
         "steps": steps,
@@ -66,8 +81,7 @@ def check(dtypes: list[str], deadline: float = float("inf"), device: str = "cuda
             break
         row: dict[str, Any] = {"dtype": dtype}
         try:
-            g = _engine(WEIGHTS / "cm-mnist.json", "graph", dtype, buckets, device)
-            e = _engine(WEIGHTS / "cm-mnist.json", "eager", dtype, buckets, device)
+            g, e = engine_pair(WEIGHTS / "cm-mnist.json", dtype, buckets, device)
             row["capture_s"] = round(g.runner.capture_s, 3)
             if device == "cuda":
                 row["capture_memory_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
@@ -107,8 +121,7 @@ def check(dtypes: list[str], deadline: float = float("inf"), device: str = "cuda
             break
         trow: dict[str, Any] = {"dtype": dtype}
         try:
-            g = _engine(WEIGHTS / "teacher-mnist.json", "graph", dtype, [1, 16, 64], device)
-            e = _engine(WEIGHTS / "teacher-mnist.json", "eager", dtype, [1, 16, 64], device)
+            g, e = engine_pair(WEIGHTS / "teacher-mnist.json", dtype, [1, 16, 64], device)
             trow["capture_s"] = round(g.runner.capture_s, 3)
             trow["vs_reference"] = [_compare(g, e, s, n, 7) for s in g.supported_steps for n in (1, 64)]
             replay = g.call(g.runner.time_buckets, g.supported_steps[-1])

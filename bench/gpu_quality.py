@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from bench.gpu_engine import WEIGHTS, _engine
+from bench.gpu_engine import WEIGHTS, build_engine
 
 
 def check(
@@ -28,7 +28,7 @@ def check(
     for dtype, seed0 in runs:
         if time.monotonic() > deadline:
             break
-        e = _engine(WEIGHTS / "cm-mnist.json", "graph", dtype, [1, 2, 4, 8, 16, 32, 64], device)
+        e = build_engine(WEIGHTS / "cm-mnist.json", "graph", dtype, [1, 2, 4, 8, 16, 32, 64], device)
         for steps in (1, 2, 4):
             x = torch.cat([
                 e.call(e.sample, steps, labels[i : i + 64], list(range(seed0 + i, seed0 + min(i + 64, n))))

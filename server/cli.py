@@ -115,6 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Images from a running server into a folder (and a grid), in chunks of --chunk."""
     from pathlib import Path
 
+    import httpx
+
     from server.client import Client, CmserveError
 
     label = None if args.class_label.lower() in ("none", "null", "-") else int(args.class_label)
@@ -135,19 +137,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     print(f"\r{len(pngs)}/{args.n} images", end="", file=sys.stderr, flush=True)
     except CmserveError as e:
         sys.exit(f"cmserve generate: {e}")
-    except httpx_errors() as e:
+    except httpx.TransportError as e:
         sys.exit(f"cmserve generate: cannot reach {args.url}: {e}")
     if args.n > args.chunk:
         print(file=sys.stderr)
     if args.grid:
         _save_grid(pngs, args.grid)
     print(f"{len(pngs)} images in {out}" + (f", grid in {args.grid}" if args.grid else ""))
-
-
-def httpx_errors() -> type[Exception]:
-    import httpx
-
-    return httpx.TransportError
 
 
 def _save_grid(pngs: list[bytes], path: str, cols: int = 8) -> None:

@@ -54,24 +54,31 @@ class GenerateResult:
         return self._images
 
 
-def _body(class_label: int | None, n: int, seed: int | None, steps: int | None) -> dict[str, Any]:
+def _request(
+    class_label: int | None, n: int, seed: int | None, steps: int | None, timeout_s: float
+) -> dict[str, Any]:
+    """The keyword arguments of one POST /v1/generate: its body and its deadline header."""
     body: dict[str, Any] = {"class_label": class_label, "n": n}
     if seed is not None:
         body["seed"] = seed
     if steps is not None:
         body["steps"] = steps
-    return body
+    return {"json": body, "headers": {"x-request-timeout": str(timeout_s)}}
+
+
+def _raise_for_error(r: httpx.Response) -> None:
+    if r.status_code == 200:
+        return
+    try:
+        err = r.json()["error"]
+        message, code = str(err.get("message")), err.get("code")
+    except (ValueError, KeyError, TypeError):
+        message, code = r.text[:300] or r.reason_phrase, None
+    raise CmserveError(r.status_code, message, code, r.headers.get("x-request-id"))
 
 
 def _result(r: httpx.Response, attempts: int) -> GenerateResult:
-    rid = r.headers.get("x-request-id")
-    if r.status_code != 200:
-        try:
-            err = r.json()["error"]
-            message, code = str(err.get("message")), err.get("code")
-        except (ValueError, KeyError, TypeError):
-            message, code = r.text[:300] or r.reason_phrase, None
-        raise CmserveError(r.status_code, message, code, rid)
+    _raise_for_error(r)
     j = r.json()
     data = j["data"]
     return GenerateResult(
@@ -81,7 +88,7 @@ def _result(r: httpx.Response, attempts: int) -> GenerateResult:
         seeds=[d["seed"] for d in data],
         class_label=data[0]["class_label"] if data else None,
         timings_ms=j.get("timings_ms", {}),
-        request_id=rid,
+        request_id=r.headers.get("x-request-id"),
         attempts=attempts,
     )
 
@@ -124,12 +131,11 @@ class Client:
         timeout_s: float | None = None,
     ) -> GenerateResult:  # fmt: skip
         """Images of `class_label` (None = unconditional); the server's deadline is `timeout_s`."""
-        body = _body(class_label, n, seed, steps)
-        headers = {"x-request-timeout": str(timeout_s or self.timeout_s)}
+        req = _request(class_label, n, seed, steps, timeout_s or self.timeout_s)
         slept, attempt = 0.0, 0
         while True:
             attempt += 1
-            r = self.http.post("/v1/generate", json=body, headers=headers)
+            r = self.http.post("/v1/generate", **req)
             wait = self.retry.wait(r, attempt, slept)
             if wait is None:
                 return _result(r, attempt)
@@ -138,8 +144,7 @@ class Client:
 
     def models(self) -> list[dict[str, Any]]:
         r = self.http.get("/v1/models")
-        if r.status_code != 200:
-            _result(r, 1)
+        _raise_for_error(r)
         return list(r.json()["data"])
 
     def close(self) -> None:
@@ -173,12 +178,11 @@ class AsyncClient:
         self, class_label: int | None = None, n: int = 1, seed: int | None = None, steps: int | None = None,
         timeout_s: float | None = None,
     ) -> GenerateResult:  # fmt: skip
-        body = _body(class_label, n, seed, steps)
-        headers = {"x-request-timeout": str(timeout_s or self.timeout_s)}
+        req = _request(class_label, n, seed, steps, timeout_s or self.timeout_s)
         slept, attempt = 0.0, 0
         while True:
             attempt += 1
-            r = await self.http.post("/v1/generate", json=body, headers=headers)
+            r = await self.http.post("/v1/generate", **req)
             wait = self.retry.wait(r, attempt, slept)
             if wait is None:
                 return _result(r, attempt)

@@ -8,11 +8,11 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from models.grid import png_bytes
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
@@ -21,6 +21,8 @@ from server.engine import Engine
 from server.errors import first_validation_error, request_id_of
 from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from server.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def _accepts_png(request: Request) -> bool:
@@ -43,13 +45,18 @@ async def read_json(request: Request) -> dict[str, Any]:
     return obj
 
 
-def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> GenerateRequest:
-    """Schema and model/settings limits (422 naming the field); `steps` resolved from the card."""
+def parse_body(schema: type[M], obj: dict[str, Any], status: int = 422) -> M:
+    """`obj` validated by `schema`, or `status` naming the first field at fault."""
     try:
-        req = GenerateRequest.model_validate(obj)
+        return schema.model_validate(obj)
     except ValidationError as e:
         msg, param = first_validation_error(list(e.errors()))
-        raise ApiError(422, msg, param=param, code="invalid_value") from None
+        raise ApiError(status, msg, param=param, code="invalid_value") from None
+
+
+def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> GenerateRequest:
+    """Schema and model/settings limits (422 naming the field); `steps` resolved from the card."""
+    req = parse_body(GenerateRequest, obj)
     card = engine.card
     if req.class_label is not None and req.class_label >= card.arch.num_classes:
         raise ApiError(

@@ -17,11 +17,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from server.deps import ApiError, ServerState
-from server.errors import first_validation_error, request_id_of
-from server.generate import read_json, ready_engine, serve, validate
+from server.errors import request_id_of
+from server.generate import parse_body, read_json, ready_engine, serve, validate
 from server.schemas import MAX_SEED, JsonInt
 
 log = logging.getLogger("cmserve.openai")
@@ -88,11 +88,7 @@ async def images_generations(request: Request, st: ServerState) -> Any:
     t_arrive = time.monotonic()
     engine = ready_engine(st)
     obj = await read_json(request)
-    try:
-        oreq = ImagesRequest.model_validate(obj)
-    except ValidationError as e:
-        msg, param = first_validation_error(list(e.errors()))
-        raise ApiError(400, msg, param=param, code="invalid_value") from None
+    oreq = parse_body(ImagesRequest, obj, status=400)
     card = engine.card
     if oreq.response_format == "url":
         raise ApiError(

@@ -24,7 +24,6 @@ SWITCH_INTERVAL_S = 0.00025
 
 class OpsServer:
     def __init__(self, st: ServerState, host: str, port: int) -> None:
-        self.st = st
         self.httpd = ThreadingHTTPServer((host, port), _handler(st))
         self.httpd.daemon_threads = True
         self.port = int(self.httpd.server_address[1])
