@@ -50,7 +50,7 @@ def sampler_fn(
     @torch.inference_mode()
     def fn() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=autocast, cache_enabled=False):
-            out.copy_(consistency_sample(model, noise, labels, times, SIGMA_D))
+            out.copy_(consistency_sample(model, noise, labels, times))
 
     return fn, out
 

@@ -38,12 +38,14 @@ def _engine(checkpoint: str, inline: bool = False) -> Any:
 STUB_ENV = "CMSERVE_BENCH_STUB"
 
 
-def stub_run_batch(self: Any, steps: int, labels: list[int | None], seeds: list[int]) -> Any:
+def stub_run_batch(
+    self: Any, steps: int, labels: list[int | None], seeds: list[int], model: str | None = None
+) -> Any:
     """A model that answers at once (blank images of the model's shape): what is left of a
     request's cost is the front end's — HTTP, validation, batching, PNG encoding."""
     import numpy as np
 
-    c, h, w = self.runner.image_shape
+    c, h, w = self.get(model).runner.image_shape
     return np.zeros((len(seeds), h, w, c), dtype=np.uint8)  # what models.grid.to_uint8 returns
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from models.config import DiTConfig
 from models.consistency import TrigFlow, validate_schedule
 from models.dit import DiT
+from models.interface import ModelInfo
 
 FORMAT = "cmserve.checkpoint"
 FORMAT_VERSION = 1
@@ -54,6 +55,22 @@ class ModelCard:
         if self.default_steps is not None:
             return self.default_steps
         return 2 if 2 in self.schedules else min(self.schedules)
+
+    def info(self, name: str | None = None) -> ModelInfo:
+        """How the server sees this checkpoint (served as `name`, default the card's)."""
+        return ModelInfo(
+            name=name or self.name,
+            family="trigflow",
+            kind=self.kind,
+            channels=self.arch.channels,
+            image_size=self.arch.image_size,
+            class_names=self.class_names,
+            schedules=self.schedules,
+            value_range=(-0.5, 0.5),
+            null_label=self.arch.num_classes,  # the DiT's extra embedding row
+            default_steps=self.default_steps,
+            provenance=self.provenance,
+        )
 
     def to_json(self, weights_file: str, sha256: str) -> dict[str, Any]:
         return {

@@ -94,6 +94,17 @@ class TrigFlow(nn.Module):
         """f(x_t, t, y): the consistency function, also the diffusion model's x0 estimate."""
         return _bcast(torch.cos(t), x_t) * x_t - _bcast(torch.sin(t), x_t) * self.velocity(x_t, t, y)
 
+    # models.interface.ConsistencyModel
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self(x_t, t, y)
+
+    def start(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sin(t)·σ_d·z: the forward process from x0 = 0."""
+        return noise_to(torch.zeros_like(z), z, t, self.sigma_d)
+
+    def renoise(self, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise_to(x0, z, t, self.sigma_d)
+
 
 def validate_schedule(steps: int, times: tuple[float, ...] | list[float]) -> None:
     """A schedule is `steps` strictly descending times in (0, π/2)."""

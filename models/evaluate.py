@@ -74,9 +74,9 @@ def generate(
     return torch.cat(out).clamp(-0.5, 0.5), labels, ms
 
 
-def consistency_fn(model: TrigFlow, times: tuple[float, ...], sigma_d: float) -> Any:
+def consistency_fn(model: TrigFlow, times: tuple[float, ...]) -> Any:
     t = torch.tensor(times, dtype=torch.float32)
-    return lambda noise, y: consistency_sample(model, noise, y, t, sigma_d)
+    return lambda noise, y: consistency_sample(model, noise, y, t)
 
 
 def teacher_fn(model: TrigFlow, steps: int, sigma_d: float, guidance: float = 1.0) -> Any:
@@ -117,14 +117,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     cm, card = load_checkpoint(args.checkpoint)
     for steps in (int(s) for s in args.steps.split(",") if s):
-        x, y, ms = generate(
-            consistency_fn(cm, card.schedules[steps], card.sigma_d), n, steps, args.batch_size, args.seed
-        )
+        x, y, ms = generate(consistency_fn(cm, card.schedules[steps]), n, steps, args.batch_size, args.seed)
         row("consistency", steps, x, y, ms)
         if steps == 2 and args.grid:
             from models.grid import save_grid
 
-            xg, _, _ = generate(consistency_fn(cm, card.schedules[2], card.sigma_d), 80, 2, 80, args.seed + 1)
+            xg, _, _ = generate(consistency_fn(cm, card.schedules[2]), 80, 2, 80, args.seed + 1)
             # generate() cycles labels 0..9, so reorder to 10 rows (classes) x 8 columns (seeds)
             save_grid(xg.view(8, 10, *xg.shape[1:]).transpose(0, 1).reshape_as(xg), 10, args.grid)
     teacher, tcard = load_checkpoint(args.teacher)
@@ -179,9 +177,7 @@ def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
         scores = []
         for tail in cands:
             times = (t_max, *tail)
-            x, _, _ = generate(
-                consistency_fn(model, times, card.sigma_d), n, steps, args.batch_size, args.seed + 7
-            )
+            x, _, _ = generate(consistency_fn(model, times), n, steps, args.batch_size, args.seed + 7)
             scores.append((frechet_distance(features(clf, x), ref), times))
             print(
                 json.dumps(

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """x: [B, C, H, W] in [-0.5, 0.5] -> uint8 [B, H, W, C]."""
-    y = ((x.detach().float().cpu() + 0.5).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (-0.5, 0.5)) -> np.ndarray:
+    """x: [B, C, H, W] with values in `value_range` -> uint8 [B, H, W, C] (rounded, clipped)."""
+    lo, hi = value_range
+    y = (((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
     return y.permute(0, 2, 3, 1).numpy()
 
 

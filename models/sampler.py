@@ -11,28 +11,29 @@ from collections.abc import Callable
 
 import torch
 
-from models.consistency import ddim_step, noise_to
+from models.consistency import ddim_step
+from models.interface import ConsistencyModel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def consistency_sample(
-    f: Denoiser, noise: torch.Tensor, labels: torch.Tensor, times: torch.Tensor, sigma_d: float
+    model: ConsistencyModel, noise: torch.Tensor, labels: torch.Tensor, times: torch.Tensor
 ) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1, in TrigFlow time).
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) in the model's own time.
 
-    f: the consistency function f(x_t, t, y) -> x0.
     noise: [S, B, C, H, W] standard normal, one slice per step; labels: [B] int64;
-    times: [S] fp32, descending, times[0] = t_max. Returns x0: [B, C, H, W].
-    Step i re-noises the previous estimate to times[i]: x = cos(t)·x0 + sin(t)·σ_d·z_i
-    (with x0 = 0 before the first step, so step 1 starts from pure noise).
+    times: [S] fp32, descending, the model's schedule. Returns x0: [B, C, H, W].
+    Step 1 denoises `model.start(z_0, times[0])`; step i > 1 denoises the previous estimate
+    re-noised to times[i] with z_i (`model.renoise`: TrigFlow cos(t)·x0 + sin(t)·σ_d·z, EDM
+    x0 + √(σ² − σ_min²)·z).
     """
     S, B = noise.shape[:2]
-    x0 = torch.zeros_like(noise[0])
-    for i in range(S):
-        t = times[i].expand(B)
-        x = noise_to(x0, noise[i], times[i], sigma_d)
-        x0 = f(x, t, labels)
+    x = model.start(noise[0], times[0])
+    x0 = model.denoise(x, times[0].expand(B), labels)
+    for i in range(1, S):
+        x = model.renoise(x0, noise[i], times[i])
+        x0 = model.denoise(x, times[i].expand(B), labels)
     return x0
 
 

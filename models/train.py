@@ -320,7 +320,7 @@ class Trainer:
             return
         for steps in (1, 2, 4):
             times = torch.tensor(DEFAULT_SCHEDULES[steps])
-            x = consistency_sample(self.ema, noise[:steps], y, times, SIGMA_D)
+            x = consistency_sample(self.ema, noise[:steps], y, times)
             save_grid(x, 10, self.dir / f"samples_{self.step:05d}_cm{steps}.png")
 
 

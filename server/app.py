@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import openai_images
 from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
-from server.engine import Engine
+from server.engine import Engine, ServedModel
 from server.errors import EdgeMiddleware, error_response, first_validation_error, request_id_of
 from server.generate import generate as handle_generate
 from server.metrics import Metrics
@@ -156,7 +156,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     async def models(st: State) -> Any:
         if st.engine is None:
             raise ApiError(503, "model is loading", code="not_ready")
-        return ModelList(data=[model_card(st.engine)])
+        e = st.engine
+        return ModelList(data=[model_card(m, m.name == e.default) for m in e.models.values()])
 
     @app.post(
         "/v1/generate",
@@ -236,32 +237,42 @@ def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
     _json_schema_bounds(req)
     props = req["properties"]
     props["n"]["maximum"] = st.settings.max_images_per_request
-    if st.engine is not None:
-        card = st.engine.card
-        for alt in props["class_label"].get("anyOf", []):
-            if alt.get("type") == "integer":
-                alt["maximum"] = card.arch.num_classes - 1
-        props["steps"].pop("maximum", None)
-        props["steps"].pop("minimum", None)
-        props["steps"]["enum"] = card.steps
-        if "prompt" in props:  # the OpenAI body: only what this model accepts is schema-valid
-            props["prompt"] = {**props["prompt"], "enum": openai_images.accepted_prompts(card.class_names)}
-            props["prompt"].pop("minLength", None)
-            props["prompt"].pop("maxLength", None)
-            size = f"{card.arch.image_size}x{card.arch.image_size}"
-            for key, only in (("model", card.name), ("size", size), ("response_format", "b64_json")):
-                props[key] = {"anyOf": [{"type": "string", "enum": [only]}, {"type": "null"}]}
+    if st.engine is None:
+        return
+    # with several models, what any of them accepts (the route checks the named one)
+    cards = [m.card for m in st.engine.models.values()]
+    for alt in props["class_label"].get("anyOf", []):
+        if alt.get("type") == "integer":
+            alt["maximum"] = max(c.num_classes for c in cards) - 1
+    props["steps"].pop("maximum", None)
+    props["steps"].pop("minimum", None)
+    props["steps"]["enum"] = sorted({s for c in cards for s in c.steps})
+    props["model"] = {"anyOf": [{"type": "string", "enum": [c.name for c in cards]}, {"type": "null"}]}
+    if "prompt" in props and all(c.class_names for c in cards):
+        # the OpenAI body: only a prompt some model accepts is schema-valid
+        prompts = [p for c in cards for p in openai_images.accepted_prompts(c.class_names)]
+        props["prompt"] = {**props["prompt"], "enum": list(dict.fromkeys(prompts))}
+        props["prompt"].pop("minLength", None)
+        props["prompt"].pop("maxLength", None)
+    if "size" in props:
+        sizes = list(dict.fromkeys(f"{c.image_size}x{c.image_size}" for c in cards))
+        for key, only in (("size", sizes), ("response_format", ["b64_json"])):
+            props[key] = {"anyOf": [{"type": "string", "enum": only}, {"type": "null"}]}
 
 
-def model_card(engine: Engine) -> ModelCardResponse:
-    c = engine.card
+def model_card(m: ServedModel, default: bool) -> ModelCardResponse:
+    c = m.card
     return ModelCardResponse(
         id=c.name,
+        family=c.family,
         kind=c.kind,
-        placeholder=engine.placeholder,
-        image_size=c.arch.image_size,
-        channels=c.arch.channels,
+        default=default,
+        placeholder=m.placeholder,
+        image_size=c.image_size,
+        channels=c.channels,
         classes=list(c.class_names),
+        unconditional=c.unconditional_ok,
+        time=c.time_name,
         supported_steps=c.steps,
         default_steps=c.steps_default,
         schedules={str(k): list(v) for k, v in c.schedules.items()},
@@ -278,12 +289,17 @@ async def _start(st: ServerState) -> None:
         seconds = await asyncio.to_thread(engine.warmup)
         log.info("warm-up of %d (bucket, steps) slots took %.1f s", len(engine.runner.slots), seconds)
         s = st.settings
-        max_batch = s.max_batch_size or await asyncio.to_thread(engine.auto_max_batch)
+        limits = {
+            name: s.max_batch_size or await asyncio.to_thread(engine.auto_max_batch, name)
+            for name in engine.models
+        }
+        max_batch = limits[engine.default]
         st.metrics.max_batch.set(max_batch)
         st.batcher = Batcher(
             engine.run_batch,
             st.metrics,
             max_batch_size=max_batch,
+            model_max_batch=limits,
             max_queue_images=s.max_queue_images,
             max_wait_s=s.max_wait_ms / 1000.0,
             executor=engine.executor,

@@ -4,7 +4,8 @@
   computes, requests accumulate and the next batch takes up to `max_batch_size` images, oldest
   first. A request is never split across batches (a request larger than `max_batch_size` runs
   alone and the runner chunks it). `max_wait_s` optionally holds a partial batch for company.
-- A batch holds one step count: the oldest request picks it, later ones of other counts wait.
+- A batch holds one model and one step count: the oldest request picks them, later requests
+  for another model or count wait.
 - Queued requests whose deadline passed get `DeadlineExceeded`, those whose client left are
   dropped, both before any compute is spent on them.
 - The sampler runs on the engine's compute thread (or a private one), so the event loop keeps
@@ -30,8 +31,9 @@ from server.metrics import Metrics
 
 log = logging.getLogger("cmserve.batcher")
 
-# (steps, labels per image, seeds per image) -> uint8 images [B, H, W, C]; runs on the worker thread.
-RunBatch = Callable[[int, list[int | None], list[int]], np.ndarray]
+# (steps, labels per image, seeds per image, model name) -> uint8 images [B, H, W, C]; runs on the
+# worker thread.
+RunBatch = Callable[[int, list[int | None], list[int], str], np.ndarray]
 
 
 class QueueFull(Exception):
@@ -63,12 +65,18 @@ class Job:
     deadline: float  # time.monotonic() after which the job must not start
     request_id: str
     future: asyncio.Future[JobResult]
+    model: str = ""  # the served model's name ("" where the batcher serves one model)
     enqueued: float = field(default_factory=time.monotonic)
     client_gone: bool = False
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What jobs must share to share a batch."""
+        return self.model, self.steps
 
 
 @dataclass
@@ -87,12 +95,14 @@ class Batcher:
         *,
         max_batch_size: int,
         max_queue_images: int,
+        model_max_batch: dict[str, int] | None = None,
         max_wait_s: float = 0.0,
         executor: Executor | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.model_max_batch = model_max_batch or {}  # per model, where it differs
         self.max_queue_images = max_queue_images
         self.max_wait_s = max_wait_s
         self._pending: deque[Job] = deque()
@@ -182,14 +192,17 @@ class Batcher:
                 job.future.set_exception(DeadlineExceeded())
         self._update_gauges()
 
+    def limit(self, model: str) -> int:
+        return self.model_max_batch.get(model, self.max_batch_size)
+
     def _select(self) -> list[Job]:
-        """Oldest job's step count; then later jobs of that count, in order, while they fit."""
+        """Oldest job's model and step count; then later jobs of those, in order, while they fit."""
         first = self._pending[0]
-        batch, images = [first], first.n
+        batch, images, limit = [first], first.n, self.limit(first.model)
         for job in list(self._pending)[1:]:
-            if job.steps != first.steps:
+            if job.key != first.key:
                 continue
-            if images + job.n > self.max_batch_size:
+            if images + job.n > limit:
                 break
             batch.append(job)
             images += job.n
@@ -197,7 +210,7 @@ class Batcher:
 
     def _fillable(self) -> int:
         first = self._pending[0]
-        return sum(j.n for j in self._pending if j.steps == first.steps)
+        return sum(j.n for j in self._pending if j.key == first.key)
 
     async def _loop(self) -> None:
         while True:
@@ -209,7 +222,7 @@ class Batcher:
             self._prune()
             if not self._pending:
                 continue
-            if self.max_wait_s > 0 and self._fillable() < self.max_batch_size:
+            if self.max_wait_s > 0 and self._fillable() < self.limit(self._pending[0].model):
                 left = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
                 if left > 0:
                     self._wakeup.clear()
@@ -225,25 +238,26 @@ class Batcher:
             await self._dispatch(batch)
 
     async def _dispatch(self, batch: list[Job]) -> None:
-        steps = batch[0].steps
+        model, steps = batch[0].key
         labels = [lab for job in batch for lab in job.labels]
         seeds = [s for job in batch for s in job.seeds]
         started = time.monotonic()
         for job in batch:
             self.metrics.queue_wait.observe(started - job.enqueued)
-        self.metrics.batch_size.observe(len(seeds))
+        self.metrics.batch_size.labels(model).observe(len(seeds))
         self._running = batch
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(self._executor, self.run_batch, steps, labels, seeds)
+            images = await loop.run_in_executor(self._executor, self.run_batch, steps, labels, seeds, model)
             if images.shape[0] != len(seeds):
                 raise RuntimeError(f"batch returned {images.shape[0]} images for {len(seeds)} requested")
         except Exception as e:  # one bad batch fails its own requests only
             reason = getattr(e, "reason", "exception")
             ids = [j.request_id for j in batch]
             log.error(
-                "batch of %d images (steps=%d) failed: %s: %s; requests %s",
+                "batch of %d images (model=%s, steps=%d) failed: %s: %s; requests %s",
                 len(seeds),
+                model,
                 steps,
                 type(e).__name__,
                 e,
@@ -255,7 +269,7 @@ class Batcher:
                     job.future.set_exception(BatchFailed(reason, ids))
         else:
             compute_s = time.monotonic() - started
-            self.metrics.batch_compute.labels(str(steps)).observe(compute_s)
+            self.metrics.batch_compute.labels(model, str(steps)).observe(compute_s)
             i = 0
             for job in batch:
                 if not job.future.done():

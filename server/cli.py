@@ -27,7 +27,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         if isinstance(default, list):
             default = ",".join(map(str, default))
         help_ = f"{f.description} [env {env}; default {default!r}]"
-        if f.annotation is bool:
+        if name == "models":  # one flag per model, repeatable; the variable holds a comma list
+            p.add_argument("--model", dest=name, action="append", metavar="NAME=PATH", help=help_)
+        elif f.annotation is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_)
@@ -78,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
     try:
         engine = Engine(s, metrics)  # fail fast on a bad checkpoint, before binding the port
-    except (CheckpointError, RuntimeError) as e:
+    except (CheckpointError, RuntimeError, ValueError) as e:
         sys.exit(f"cmserve: cannot load model: {e}")
     app = create_app(s, engine, metrics)
     config = uvicorn.Config(
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"cmserve {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
+    p = sub.add_parser("serve", help="serve one or several models over HTTP")
     _add_settings_flags(p)
     p.set_defaults(fn=cmd_serve)
 

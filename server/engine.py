@@ -1,4 +1,5 @@
-"""The engine owns the model and the runner, and turns (steps, labels, seeds) into images.
+"""The engine owns the served models and their runners, and turns (model, steps, labels, seeds)
+into images.
 
 Every torch call of a server process runs on the engine's one compute thread (`Engine.call`,
 `Engine.executor`): loading, warm-up and every batch. Why: on the CPU each thread that starts a
@@ -17,14 +18,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.grid import to_uint8
+from models.interface import ConsistencyModel, ModelInfo
+from models.load import load_model
 from models.placeholder import build_placeholder
 from server.metrics import Metrics
 from server.runner import SamplerRunner
@@ -45,6 +47,26 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
     return dev
+
+
+@dataclass
+class ServedModel:
+    """One model of the server: its network, what it is, and its runner (buffers, graphs)."""
+
+    card: ModelInfo
+    model: ConsistencyModel
+    runner: SamplerRunner
+    placeholder: bool
+    weights_bytes: int
+    graph_bytes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+
+class UnknownModel(KeyError):
+    pass
 
 
 class Engine:
@@ -75,19 +97,6 @@ class Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)  # here: the thread that runs the ops
         self.device = pick_device(settings.device)
-        path = settings.checkpoint_path()
-        self.placeholder = False
-        if not settings.checkpoint and not path.is_file():
-            # No trained weights shipped (or the package was installed without them).
-            tmp = Path(tempfile.mkdtemp(prefix="cmserve-placeholder-"))
-            path = build_placeholder(tmp / "placeholder")
-            self.placeholder = True
-            log.warning(
-                "no default checkpoint at %s: serving an UNTRAINED placeholder model",
-                settings.checkpoint_path(),
-            )
-        self.model, self.card = load_checkpoint(path, self.device)
-        self.placeholder = self.placeholder or bool(self.card.provenance.get("placeholder"))
         use_graphs = settings.backend == "graph" or (
             settings.backend == "auto" and self.device.type == "cuda"
         )
@@ -96,59 +105,120 @@ class Engine:
         dtype = torch.float32
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
-        self.runner = SamplerRunner(
-            self.model,
-            self.card,
-            settings.buckets,
-            self.device,
-            use_graphs=use_graphs,
-            dtype=dtype,
-            metrics=self.metrics,
-        )
+        self.models: dict[str, ServedModel] = {}
+        for name, path in settings.model_paths():
+            placeholder = False
+            if path is None:  # the shipped model, unless the package was installed without it
+                path = settings.checkpoint_path()
+                if not path.is_file():
+                    tmp = Path(tempfile.mkdtemp(prefix="cmserve-placeholder-"))
+                    log.warning("no default checkpoint at %s: serving an UNTRAINED placeholder model", path)
+                    path, placeholder = build_placeholder(tmp / "placeholder"), True
+            model, card = load_model(path, self.device, name)
+            if card.name in self.models:
+                raise ValueError(f"two models are named {card.name!r}; name them: --model NAME=PATH")
+            placeholder = placeholder or bool(card.provenance.get("placeholder"))
+            runner = SamplerRunner(
+                model,
+                card,
+                settings.buckets,
+                self.device,
+                use_graphs=use_graphs,
+                dtype=dtype,
+                metrics=self.metrics,
+            )
+            weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
+            self.models[card.name] = ServedModel(card, model, runner, placeholder, weights)
+            self.metrics.model_memory.labels(card.name, "weights").set(weights)
+            self.metrics.images.labels(card.name)
+            self.metrics.model_info.labels(card.name, card.family, card.kind, str(placeholder).lower()).set(1)
+            log.info("model %s: %s family, %s, from %s", card.name, card.family, card.kind, path)
+        self.default = next(iter(self.models))
+
+    def get(self, name: str | None = None) -> ServedModel:
+        """The model served as `name` (None: the default); UnknownModel if none is."""
+        try:
+            return self.models[name or self.default]
+        except KeyError:
+            raise UnknownModel(name) from None
+
+    # the default model's parts, for callers that serve one model (benches, tests)
+    @property
+    def card(self) -> ModelInfo:
+        return self.get().card
+
+    @property
+    def runner(self) -> SamplerRunner:
+        return self.get().runner
+
+    @property
+    def model(self) -> ConsistencyModel:
+        return self.get().model
+
+    @property
+    def placeholder(self) -> bool:
+        return self.get().placeholder
 
     @property
     def supported_steps(self) -> list[int]:
         return self.card.steps
 
     def warmup(self) -> float:
-        """Build, run (and on CUDA capture) every slot on the compute thread; -> seconds."""
+        """Build, run (and on CUDA capture) every slot of every model on the compute thread;
+        -> seconds. Each model's graphs get a pool of their own, so its memory can be told."""
         t0 = time.perf_counter()
-        self.call(self.runner.warmup, self.supported_steps)
-        return time.perf_counter() - t0
+        for m in self.models.values():
+            before = m.runner.reserved_bytes()
+            self.call(m.runner.warmup, m.card.steps)
+            m.graph_bytes = m.runner.reserved_bytes() - before
+            self.metrics.model_memory.labels(m.name, "graphs").set(m.graph_bytes)
+        seconds = time.perf_counter() - t0
+        self.metrics.capture_seconds.set(seconds)
+        self.metrics.capture_memory.set(sum(m.graph_bytes for m in self.models.values()))
+        return seconds
 
-    def auto_max_batch(self, tolerance: float = 0.05) -> int:
+    def auto_max_batch(self, name: str | None = None, tolerance: float = 0.05) -> int:
         """The smallest bucket whose images/s is within `tolerance` of the best bucket's, timed
-        here at the default step count. Why: a bigger batch makes everyone in it wait longer, so it
-        is only worth it while it still buys throughput. On a GPU that is the largest bucket or near
-        it; on a small CPU a middle bucket (the timings are logged at start-up and can be close
-        enough to differ between start-ups: docs/performance.md). Times on the compute thread."""
-        steps = 2 if 2 in self.card.schedules else self.card.steps[0]
-        secs = self.call(self.runner.time_buckets, steps)
+        here at the model's default step count. Why: a bigger batch makes everyone in it wait
+        longer, so it is only worth it while it still buys throughput. On a GPU that is the largest
+        bucket or near it; on a small CPU a middle bucket (the timings are logged at start-up and
+        can be close enough to differ between start-ups: docs/performance.md). Times on the
+        compute thread."""
+        m = self.get(name)
+        steps = m.card.steps_default
+        secs = self.call(m.runner.time_buckets, steps)
         rate = {b: b / s for b, s in secs.items()}
         best = max(rate.values())
         chosen = min(b for b, r in rate.items() if r >= (1 - tolerance) * best)
         log.info(
-            "max batch size %d (auto; images/s per bucket at %d steps: %s)",
+            "%s: max batch size %d (auto; images/s per bucket at %d steps: %s)",
+            m.name,
             chosen,
             steps,
             ", ".join(f"{b}: {r:.1f}" for b, r in rate.items()),
         )
         return chosen
 
-    def make_noise(self, steps: int, seeds: list[int]) -> torch.Tensor:
+    def make_noise(self, steps: int, seeds: list[int], model: str | None = None) -> torch.Tensor:
         """-> [S, B, C, H, W]: image i's noise for every step from its own generator."""
-        shape = (self.runner.noise_slices(steps), *self.runner.image_shape)
+        runner = self.get(model).runner
+        shape = (runner.noise_slices(steps), *runner.image_shape)
         per_image = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
         return torch.stack(per_image, dim=1)
 
-    def sample(self, steps: int, labels: list[int | None], seeds: list[int]) -> torch.Tensor:
-        """-> x0 [B, C, H, W] fp32 in data space ([-0.5, 0.5] for MNIST)."""
-        null = self.card.arch.num_classes
-        y = torch.tensor([null if lab is None else lab for lab in labels], dtype=torch.long)
-        return self.runner.run(steps, self.make_noise(steps, seeds), y)
+    def sample(
+        self, steps: int, labels: list[int | None], seeds: list[int], model: str | None = None
+    ) -> torch.Tensor:
+        """-> x0 [B, C, H, W] fp32 in the model's data range (`value_range`)."""
+        m = self.get(model)
+        pad = m.card.pad_label
+        y = torch.tensor([pad if lab is None else lab for lab in labels], dtype=torch.long)
+        return m.runner.run(steps, self.make_noise(steps, seeds, model), y)
 
-    def run_batch(self, steps: int, labels: list[int | None], seeds: list[int]) -> np.ndarray:
-        x = self.sample(steps, labels, seeds)
+    def run_batch(
+        self, steps: int, labels: list[int | None], seeds: list[int], model: str | None = None
+    ) -> np.ndarray:
+        x = self.sample(steps, labels, seeds, model)
         if not torch.isfinite(x).all():
             raise NonFiniteOutput("sampler output holds non-finite values")
-        return to_uint8(x)
+        return self.get(model).card.to_uint8(x)

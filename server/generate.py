@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from models.grid import png_bytes
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.deps import ApiError, ServerState
-from server.engine import Engine
+from server.engine import Engine, ServedModel, UnknownModel
 from server.errors import first_validation_error, request_id_of
 from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from server.settings import Settings
@@ -54,14 +54,39 @@ def parse_body(schema: type[M], obj: dict[str, Any], status: int = 422) -> M:
         raise ApiError(status, msg, param=param, code="invalid_value") from None
 
 
-def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> GenerateRequest:
-    """Schema and model/settings limits (422 naming the field); `steps` resolved from the card."""
+def served_model(engine: Engine, name: str | None) -> ServedModel:
+    """The model a request names (None: the default), or 404 listing what is served."""
+    try:
+        return engine.get(name)
+    except UnknownModel:
+        raise ApiError(
+            404,
+            f"model {name!r} is not served here; it serves {sorted(engine.models)}",
+            param="model",
+            code="model_not_found",
+        ) from None
+
+
+def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[GenerateRequest, ServedModel]:
+    """Schema and model/settings limits (422 naming the field, 404 for an unknown model);
+    `steps` resolved from the model's card."""
     req = parse_body(GenerateRequest, obj)
-    card = engine.card
-    if req.class_label is not None and req.class_label >= card.arch.num_classes:
+    sm = served_model(engine, req.model)
+    card = sm.card
+    if req.class_label is None and not card.unconditional_ok:
         raise ApiError(
             422,
-            f"class_label must be in [0, {card.arch.num_classes - 1}] or null",
+            f"model {card.name!r} is class-conditional with no unconditional mode: give class_label "
+            f"in [0, {card.num_classes - 1}]",
+            param="class_label",
+            code="class_required",
+        )
+    if req.class_label is not None and req.class_label >= card.num_classes:
+        raise ApiError(
+            422,
+            f"class_label must be in [0, {card.num_classes - 1}] or null"
+            if card.num_classes
+            else f"model {card.name!r} is unconditional: leave class_label out",
             param="class_label",
             code="unknown_class",
         )
@@ -73,7 +98,8 @@ def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> GenerateRe
         raise ApiError(
             422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large"
         )
-    return req
+    req.model = card.name
+    return req, sm
 
 
 def ready_engine(st: ServerState) -> Engine:
@@ -141,7 +167,9 @@ async def serve(
     # every browser client) represent integers exactly only up to there
     seed = req.seed if req.seed is not None else secrets.randbelow(JS_SAFE_SEEDS - req.n + 1)
     rid = request_id_of(request.scope)
+    assert req.model is not None  # set by `validate`
     job = Job(
+        model=req.model,
         steps=req.steps,
         labels=[req.class_label] * req.n,
         seeds=[seed + i for i in range(req.n)],
@@ -188,7 +216,7 @@ async def serve(
             pngs = await asyncio.get_running_loop().run_in_executor(st.encode_pool, _encode, result.images)
         encode_s = time.perf_counter() - t0
         m.encode.observe(encode_s)
-        m.images.inc(req.n)
+        m.images.labels(req.model).inc(req.n)
     finally:
         watcher.cancel()
         m.inflight.dec()
@@ -202,7 +230,7 @@ async def serve(
 async def generate(request: Request, st: ServerState) -> Any:
     t_arrive = time.monotonic()
     engine = ready_engine(st)
-    req = validate(await read_json(request), st, engine)
+    req, sm = validate(await read_json(request), st, engine)
     png = _accepts_png(request)
     if png and req.n != 1:
         raise ApiError(
@@ -214,7 +242,7 @@ async def generate(request: Request, st: ServerState) -> Any:
     served = await serve(request, st, req, t_arrive)
     if isinstance(served, Response):
         return served
-    name, seed, timings = engine.card.name, served.seed, served.timings
+    name, seed, timings = sm.name, served.seed, served.timings
     if png:
         server_timing = ", ".join(f"{k};dur={v:.2f}" for k, v in timings.model_dump().items())
         headers = {

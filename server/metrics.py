@@ -65,7 +65,7 @@ class Metrics:
         self.batch_compute = Histogram(
             "cmserve_batch_compute_seconds",
             "Wall time of one batch on the sampler (noise, sampling, copy out).",
-            ["steps"],
+            ["model", "steps"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -76,14 +76,20 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "cmserve_batch_size_images", "Images per dispatched batch.", buckets=BATCH_BUCKETS, registry=r
+            "cmserve_batch_size_images",
+            "Images per dispatched batch.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_images = Gauge("cmserve_queue_depth_images", "Images waiting in the queue.", registry=r)
         self.queue_requests = Gauge(
             "cmserve_queue_depth_requests", "Requests waiting in the queue.", registry=r
         )
         self.max_batch = Gauge(
-            "cmserve_max_batch_size_images", "Most images per batch (set, or chosen at warm-up).", registry=r
+            "cmserve_max_batch_size_images",
+            "Most images per batch of the default model (set, or chosen at warm-up).",
+            registry=r,
         )
         self.queue_limit = Gauge(
             "cmserve_queue_limit_images", "Queue bound in images (429 beyond).", registry=r
@@ -94,7 +100,9 @@ class Metrics:
         self.requests = Counter(
             "cmserve_requests_total", "HTTP requests by route and status code.", ["route", "code"], registry=r
         )
-        self.images = Counter("cmserve_images_generated_total", "Images generated and returned.", registry=r)
+        self.images = Counter(
+            "cmserve_images_generated_total", "Images generated and returned.", ["model"], registry=r
+        )
         self.rejected = Counter(
             "cmserve_rejected_total",
             "Requests refused or dropped before compute, by reason.",
@@ -108,22 +116,40 @@ class Metrics:
             registry=r,
         )
         self.padded_rows = Counter(
-            "cmserve_padded_rows_total", "Rows computed only to pad a batch up to its bucket.", registry=r
+            "cmserve_padded_rows_total",
+            "Rows computed only to pad a batch up to its bucket.",
+            ["model"],
+            registry=r,
         )
         self.computed_rows = Counter(
-            "cmserve_computed_rows_total", "Rows computed by the runner, padding included.", registry=r
+            "cmserve_computed_rows_total",
+            "Rows computed by the runner, padding included.",
+            ["model"],
+            registry=r,
         )
         self.runner_runs = Counter(
             "cmserve_runner_executions_total",
             "Runner executions by mode (graph replay or eager).",
-            ["mode"],
+            ["model", "mode"],
             registry=r,
         )
         self.capture_seconds = Gauge(
             "cmserve_graph_capture_seconds", "Time spent warming up and capturing at start-up.", registry=r
         )
         self.capture_memory = Gauge(
-            "cmserve_graph_pool_bytes", "Device memory held by the captured graphs' pool.", registry=r
+            "cmserve_graph_pool_bytes", "Device memory held by the captured graphs, all models.", registry=r
+        )
+        self.model_memory = Gauge(
+            "cmserve_model_memory_bytes",
+            "Memory a model holds on its device: its weights, and its captured graphs' pool.",
+            ["model", "part"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "cmserve_model_info",
+            "1 per served model, labelled with its family, kind and whether it is an untrained placeholder.",
+            ["model", "family", "kind", "placeholder"],
+            registry=r,
         )
         self.ready = Gauge(
             "cmserve_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r
@@ -135,5 +161,3 @@ class Metrics:
             self.rejected.labels(reason)
         for reason in ("exception", "nonfinite"):
             self.batch_failures.labels(reason)
-        for mode in ("graph", "eager"):
-            self.runner_runs.labels(mode)

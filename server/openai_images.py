@@ -2,7 +2,8 @@
 
 Clients that already speak OpenAI's API (its SDKs among them) call it unchanged. The prompt of
 a class-conditional model names the class: its index, its name from the model card, or an
-English number word ("seven"). cmserve's own fields (`seed`, `steps`, `class_label`,
+English number word ("seven"); an unconditional model's prompt is not read. `model` picks one of
+the served models. cmserve's own fields (`seed`, `steps`, `class_label`,
 `timeout_s`) ride along as extra body fields (the SDK's `extra_body`). Errors keep the
 `{"error": {...}}` shape; invalid values are 400 here, as OpenAI answers them.
 """
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from server.deps import ApiError, ServerState
 from server.errors import request_id_of
-from server.generate import parse_body, read_json, ready_engine, serve, validate
+from server.generate import parse_body, read_json, ready_engine, serve, served_model, validate
 from server.schemas import MAX_SEED, JsonInt
 
 log = logging.getLogger("cmserve.openai")
@@ -41,7 +42,9 @@ class ImagesRequest(BaseModel):
     prompt: str = Field(
         ..., min_length=1, max_length=1000, description="The class: index, name or number word."
     )
-    model: str | None = Field(None, description="The served model's id (GET /v1/models); omitted = it.")
+    model: str | None = Field(
+        None, max_length=128, description="A served model's id (GET /v1/models); omitted = the default model."
+    )
     n: JsonInt = Field(1, ge=1, description="Number of images.")
     size: str | None = Field(None, description="WIDTHxHEIGHT; only the model's own size.")
     response_format: Literal["b64_json", "url"] | None = Field(
@@ -89,7 +92,6 @@ async def images_generations(request: Request, st: ServerState) -> Any:
     engine = ready_engine(st)
     obj = await read_json(request)
     oreq = parse_body(ImagesRequest, obj, status=400)
-    card = engine.card
     if oreq.response_format == "url":
         raise ApiError(
             400,
@@ -98,16 +100,17 @@ async def images_generations(request: Request, st: ServerState) -> Any:
             param="response_format",
             code="unsupported_value",
         )
-    if oreq.model is not None and oreq.model != card.name:
-        msg = f"model {oreq.model!r} is not served here; it serves {card.name!r}"
-        raise ApiError(404, msg, param="model", code="model_not_found")
-    own_size = f"{card.arch.image_size}x{card.arch.image_size}"
+    card = served_model(engine, oreq.model).card
+    own_size = f"{card.image_size}x{card.image_size}"
     if oreq.size is not None and oreq.size != own_size:
         raise ApiError(
             400, f"size must be {own_size!r}, the model's own", param="size", code="unsupported_value"
         )
-    label = oreq.class_label if oreq.class_label is not None else resolve_class(oreq.prompt, card.class_names)
+    label = oreq.class_label
+    if label is None and card.class_names:  # an unconditional model takes any prompt, unread
+        label = resolve_class(oreq.prompt, card.class_names)
     fields = {
+        "model": card.name,
         "class_label": label,
         "n": oreq.n,
         "seed": oreq.seed,
@@ -115,7 +118,7 @@ async def images_generations(request: Request, st: ServerState) -> Any:
         "timeout_s": oreq.timeout_s,
     }
     try:
-        req = validate({k: v for k, v in fields.items() if v is not None}, st, engine)
+        req, _ = validate({k: v for k, v in fields.items() if v is not None}, st, engine)
     except ApiError as e:
         if e.status != 422:
             raise
@@ -125,7 +128,7 @@ async def images_generations(request: Request, st: ServerState) -> Any:
     served = await serve(request, st, req, t_arrive)
     if isinstance(served, Response):
         return served
-    revised = card.class_names[label] if label < len(card.class_names) else str(label)
+    revised = card.class_names[label] if label is not None and label < card.num_classes else ""
     data = [
         {"b64_json": base64.b64encode(png).decode(), "revised_prompt": revised, "seed": served.seed + i}
         for i, png in enumerate(served.pngs)

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from models.checkpoint import ModelCard
-from models.consistency import TrigFlow
+from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_sample, ode_sample
 from server.metrics import Metrics
 
@@ -38,8 +37,8 @@ class Slot:
 class SamplerRunner:
     def __init__(
         self,
-        model: TrigFlow,
-        card: ModelCard,
+        model: ConsistencyModel,
+        card: ModelInfo,
         buckets: list[int],
         device: torch.device,
         *,
@@ -54,11 +53,14 @@ class SamplerRunner:
         self.use_graphs = use_graphs
         self.dtype = dtype
         self.metrics = metrics or Metrics()
-        a = card.arch
-        self.image_shape = (a.channels, a.image_size, a.image_size)
-        self.null_class = a.num_classes
+        self.image_shape = (card.channels, card.image_size, card.image_size)
+        self.pad_label = card.pad_label
         self.slots: dict[tuple[int, int], Slot] = {}
         self.capture_s = 0.0
+        for mode in ("graph", "eager"):  # every series exported at 0 from the start
+            self.metrics.runner_runs.labels(card.name, mode)
+        self.metrics.padded_rows.labels(card.name)
+        self.metrics.computed_rows.labels(card.name)
         if dtype != torch.float32:
             # once, here: autocast inside a graph cannot cache its casts, so it would re-cast
             # every weight on every forward (1.6x slower at batch 1 for DiT-B/2 on an H100)
@@ -72,19 +74,20 @@ class SamplerRunner:
         S = self.noise_slices(steps)
         dev = self.device
         noise = torch.zeros((S, bucket, *self.image_shape), device=dev)
-        labels = torch.full((bucket,), self.null_class, dtype=torch.long, device=dev)
+        labels = torch.full((bucket,), self.pad_label, dtype=torch.long, device=dev)
         times = torch.tensor(self.card.schedules[steps], dtype=torch.float32, device=dev)
         out = torch.zeros((bucket, *self.image_shape), device=dev)
-        model, sigma_d = self.model, self.card.sigma_d
+        model = self.model
 
         if self.card.kind == "consistency":
 
             def sample() -> torch.Tensor:
-                return consistency_sample(model, noise, labels, times, sigma_d)
-        else:
+                return consistency_sample(model, noise, labels, times)
+        else:  # a TrigFlow teacher (the only diffusion kind a loader produces)
+            velocity, sigma_d = model.velocity, model.sigma_d  # type: ignore[attr-defined]
 
             def sample() -> torch.Tensor:
-                return ode_sample(model.velocity, noise[0], labels, times, sigma_d)
+                return ode_sample(velocity, noise[0], labels, times, sigma_d)
 
         @torch.inference_mode()
         def fn() -> None:
@@ -109,11 +112,15 @@ class SamplerRunner:
                     slot.fn()
                 self.slots[(bucket, steps)] = slot
         self.capture_s = time.perf_counter() - t0
-        self.metrics.capture_seconds.set(self.capture_s)
-        if self.use_graphs:
-            from server import cuda_graphs
 
-            self.metrics.capture_memory.set(cuda_graphs.reserved_bytes(self.device))
+    def reserved_bytes(self) -> int:
+        """Device memory the caching allocator holds (0 off CUDA): the engine reads it before
+        and after a model's warm-up to tell what that model's graphs took."""
+        if self.device.type != "cuda":
+            return 0
+        from server import cuda_graphs
+
+        return cuda_graphs.reserved_bytes(self.device)
 
     def time_buckets(self, steps: int, rounds: int = 3) -> dict[int, float]:
         """Seconds per batch for each bucket at `steps` (after warm-up): the best of `rounds`
@@ -143,13 +150,13 @@ class SamplerRunner:
     def _execute(self, slot: Slot) -> None:
         """A served batch: replay, counted in the runner metrics (timing runs are not)."""
         self._replay(slot)
-        self.metrics.runner_runs.labels("eager" if slot.graph is None else "graph").inc()
+        self.metrics.runner_runs.labels(self.card.name, "eager" if slot.graph is None else "graph").inc()
 
     def run(self, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """noise: [S, B, C, H, W] fp32 (CPU); labels: [B] int64 -> x0: [B, C, H, W] fp32 on the CPU.
 
         Rows run in chunks of at most the largest bucket, each padded up to its bucket; padding
-        rows get the null label and whatever noise the buffer held (rows are independent).
+        rows get `pad_label` and whatever noise the buffer held (rows are independent).
         """
         B = labels.shape[0]
         out = torch.empty((B, *self.image_shape), dtype=torch.float32)
@@ -165,9 +172,9 @@ class SamplerRunner:
             slot.noise[:, :n].copy_(noise[:, start : start + n], non_blocking=True)
             slot.labels[:n].copy_(labels[start : start + n], non_blocking=True)
             if n < slot.bucket:
-                slot.labels[n:].fill_(self.null_class)
+                slot.labels[n:].fill_(self.pad_label)
             self._execute(slot)
             out[start : start + n].copy_(slot.out[:n])  # device -> host; synchronizes
-            self.metrics.padded_rows.inc(slot.bucket - n)
-            self.metrics.computed_rows.inc(slot.bucket)
+            self.metrics.padded_rows.labels(self.card.name).inc(slot.bucket - n)
+            self.metrics.computed_rows.labels(self.card.name).inc(slot.bucket)
         return out

@@ -31,8 +31,13 @@ MAX_SEED = 2**62  # seed + i stays well inside int64 for any n
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = Field(
+        None, max_length=128, description="Served model's id (GET /v1/models); omitted = the default model."
+    )
     class_label: Annotated[JsonInt, Field(ge=0)] | None = Field(
-        None, description="Class to draw (see GET /v1/models); null = unconditional."
+        None,
+        description="Class to draw (see GET /v1/models); null = unconditional, where the model has an "
+        "unconditional mode (`unconditional` in /v1/models).",
     )
     n: JsonInt = Field(1, ge=1, description="Number of images (at most the server's max_images_per_request).")
     seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = Field(
@@ -87,11 +92,15 @@ class ErrorResponse(BaseModel):
 class ModelCardResponse(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    family: str
     kind: str
+    default: bool
     placeholder: bool
     image_size: int
     channels: int
     classes: list[str]
+    unconditional: bool
+    time: str
     supported_steps: list[int]
     default_steps: int
     schedules: dict[str, list[float]]

@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     checkpoint: str = Field(
         "", description="Checkpoint (.json card beside its .safetensors); empty = the shipped default model."
     )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to serve, each NAME=PATH (or PATH: served under its own name), comma-separated "
+        "in CMSERVE_MODELS; PATH is a cmserve checkpoint card or a diffusers ConsistencyModelPipeline "
+        "directory. The first is the default model; empty = --checkpoint, else the shipped model.",
+    )
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     backend: Literal["auto", "eager", "graph"] = Field(
         "auto",
@@ -79,7 +85,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
-    @field_validator("buckets", "api_keys", "cors_origins", mode="before")
+    @field_validator("buckets", "api_keys", "cors_origins", "models", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         return _csv_list(v)
@@ -102,6 +108,34 @@ class Settings(BaseSettings):
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s exceeds max_timeout_s")
         return self
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[str]) -> list[str]:
+        names = [m.partition("=")[0] for m in v if "=" in m]
+        for m in v:
+            name, eq, path = m.partition("=")
+            if eq and (
+                not name or not path or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+            ):
+                raise ValueError(
+                    f"model {m!r}: expected NAME=PATH, NAME made of letters, digits, '-', '_', '.'"
+                )
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique, {sorted(dup)} repeats")
+        return v
+
+    def model_paths(self) -> list[tuple[str | None, Path | None]]:
+        """(served name or None for the model's own, path or None for the shipped model), the
+        default model first."""
+        if not self.models:
+            return [(None, Path(self.checkpoint) if self.checkpoint else None)]
+        out: list[tuple[str | None, Path | None]] = []
+        for m in self.models:
+            name, eq, path = m.partition("=")
+            out.append((name, Path(path)) if eq else (None, Path(m)))
+        return out
 
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT

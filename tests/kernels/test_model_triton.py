@@ -29,10 +29,10 @@ def test_two_step_sample_with_triton_kernels_matches_torch() -> None:
     y = torch.tensor([1, 5, 10])
     times = torch.tensor(DEFAULT_SCHEDULES[2])
     n0 = sum(LAUNCHES.values())
-    out = consistency_sample(m, noise, y, times, 0.5)  # Triton (forced by the fixture)
+    out = consistency_sample(m, noise, y, times)  # Triton (forced by the fixture)
     launches = sum(LAUNCHES.values()) - n0
     assert launches == 2 * (2 * 4 + 1)  # 2 steps x (depth 2 x 4 ops + final norm)
     kernels.force_triton(False)
-    ref = consistency_sample(m, noise, y, times, 0.5)
+    ref = consistency_sample(m, noise, y, times)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     assert out.abs().max() > 0.1  # a real image-scale output, not zeros

@@ -53,7 +53,7 @@ def test_one_step_sampling_is_f_at_t_max_of_scaled_noise() -> None:
     m = _model()
     z = torch.randn(1, 3, 1, 28, 28)
     y = torch.tensor([1, 2, 3])
-    out = consistency_sample(m, z, y, torch.tensor([T_MAX]), 0.5)
+    out = consistency_sample(m, z, y, torch.tensor([T_MAX]))
     expect = m(math.sin(T_MAX) * 0.5 * z[0], torch.full((3,), T_MAX), y)
     torch.testing.assert_close(out, expect)
 
@@ -63,7 +63,7 @@ def test_two_step_sampling_renoises_at_t_mid() -> None:
     z = torch.randn(2, 2, 1, 28, 28)
     y = torch.tensor([4, 10])
     times = torch.tensor(DEFAULT_SCHEDULES[2])
-    out = consistency_sample(m, z, y, times, 0.5)
+    out = consistency_sample(m, z, y, times)
     x0 = m(math.sin(T_MAX) * 0.5 * z[0], torch.full((2,), T_MAX), y)
     t = 1.1
     expect = m(math.cos(t) * x0 + math.sin(t) * 0.5 * z[1], torch.full((2,), t), y)

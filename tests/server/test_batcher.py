@@ -17,13 +17,15 @@ from server.metrics import Metrics
 class FakeSampler:
     def __init__(self) -> None:
         self.batches: list[tuple[int, list[int]]] = []  # (steps, seeds)
+        self.models: list[str] = []  # the model of each batch
         self.gate = threading.Event()
         self.gate.set()
         self.fail_next = False
 
-    def __call__(self, steps: int, labels: list[int | None], seeds: list[int]) -> np.ndarray:
+    def __call__(self, steps: int, labels: list[int | None], seeds: list[int], model: str) -> np.ndarray:
         self.gate.wait(5)
         self.batches.append((steps, list(seeds)))
+        self.models.append(model)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected")
@@ -31,8 +33,9 @@ class FakeSampler:
         return np.array(seeds, dtype=np.int64).reshape(-1, 1, 1, 1) * np.ones((1, 2, 2, 1), dtype=np.int64)
 
 
-def _job(steps: int, seeds: list[int], rid: str = "r", timeout: float = 10.0) -> Job:
+def _job(steps: int, seeds: list[int], rid: str = "r", timeout: float = 10.0, model: str = "") -> Job:
     return Job(
+        model=model,
         steps=steps,
         labels=[None] * len(seeds),
         seeds=seeds,
@@ -105,6 +108,26 @@ async def test_requests_with_different_steps_go_to_different_batches() -> None:
         assert all(seed % 10 == steps for seed in seeds) or seeds == [0]
     # the oldest request's step count goes first, and each count is one batch
     assert [st for st, _ in s.batches[1:]] == [1, 2, 4]
+    await b.stop()
+
+
+async def test_a_batch_never_mixes_models_and_each_model_has_its_own_cap() -> None:
+    s = FakeSampler()
+    s.gate.clear()
+    b = _batcher(s, model_max_batch={"big": 3})  # "small" keeps the server's cap of 8
+    b.submit(_job(2, [0], model="small"))
+    await asyncio.sleep(0.05)
+    # seed 100·k + i: k = 1 for "big", 2 for "small"
+    jobs = [_job(2, [100 * (1 + (i % 2)) + i], model=("big", "small")[i % 2]) for i in range(10)]
+    for j in jobs:
+        b.submit(j)
+    s.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 5)
+    for model, (_, seeds) in list(zip(s.models, s.batches))[1:]:
+        assert {seed // 100 for seed in seeds} == {1 if model == "big" else 2}
+        assert len(seeds) <= (3 if model == "big" else 8)
+    # the oldest waiting request ("big") goes first; 5 of it need two batches under its cap of 3
+    assert s.models[1:] == ["big", "small", "big"]
     await b.stop()
 
 

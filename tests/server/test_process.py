@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,15 +9,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.procs import sample_sum
 from tests.procs import ROOT, serve_process
 
 pytestmark = pytest.mark.slow
 
 
-def _sample(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
-    assert m, f"{name}{labels} not in /metrics"
-    return float(m.group(1))
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The sum over the series of `name` whose labels include `labels`."""
+    total = sample_sum(text, name, **labels)
+    assert total is not None, f"{name}{labels} not in /metrics"
+    return total
 
 
 def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -37,15 +38,17 @@ def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -
         assert c.post("/v1/generate", json={"n": 0}).status_code == 422
         after = c.get("/metrics").text
         assert _sample(after, "cmserve_images_generated_total") == n_images
-        assert _sample(after, "cmserve_requests_total", '{code="200",route="/v1/generate"}') == 6
-        assert _sample(after, "cmserve_requests_total", '{code="422",route="/v1/generate"}') == 1
-        assert _sample(after, "cmserve_request_duration_seconds_count", '{route="/v1/generate"}') == 7
-        assert _sample(after, "cmserve_request_duration_seconds_sum", '{route="/v1/generate"}') > 0
+        assert _sample(after, "cmserve_requests_total", code="200", route="/v1/generate") == 6
+        assert _sample(after, "cmserve_requests_total", code="422", route="/v1/generate") == 1
+        assert _sample(after, "cmserve_request_duration_seconds_count", route="/v1/generate") == 7
+        assert _sample(after, "cmserve_request_duration_seconds_sum", route="/v1/generate") > 0
         assert _sample(after, "cmserve_queue_wait_seconds_count") == 6
         assert _sample(after, "cmserve_batch_size_images_sum") == n_images
         assert _sample(after, "cmserve_encode_seconds_count") == 6
-        computed = _sample(after, "cmserve_batch_compute_seconds_count", '{steps="1"}') + _sample(
-            after, "cmserve_batch_compute_seconds_count", '{steps="2"}'
+        model = "placeholder-untrained"  # the tiny checkpoint's card name
+        assert _sample(after, "cmserve_images_generated_total", model=model) == n_images
+        computed = _sample(after, "cmserve_batch_compute_seconds_count", model=model, steps="1") + _sample(
+            after, "cmserve_batch_compute_seconds_count", model=model, steps="2"
         )
         assert computed == _sample(after, "cmserve_batch_size_images_count") == 6
         # buckets are dense from 1 ms: the 1 ms bucket exists, so histogram_quantile can resolve it

@@ -18,7 +18,7 @@ from server.settings import Settings
 
 def _runner(ckpt: Path, buckets: list[int]) -> SamplerRunner:
     model, card = load_checkpoint(ckpt)
-    r = SamplerRunner(model, card, buckets, torch.device("cpu"), metrics=Metrics())
+    r = SamplerRunner(model, card.info(), buckets, torch.device("cpu"), metrics=Metrics())
     r.warmup([1, 2])
     return r
 
@@ -31,12 +31,13 @@ def test_padding_and_chunking(tiny_ckpt: Path, B: int, chunks: list[int], padded
     torch.manual_seed(B)
     noise = torch.randn(2, B, 1, 28, 28)
     labels = torch.randint(0, 11, (B,))
-    before = r.metrics.runner_runs.labels("eager")._value.get()
+    name = r.card.name
+    before = r.metrics.runner_runs.labels(name, "eager")._value.get()
     out = r.run(2, noise, labels)
-    assert r.metrics.runner_runs.labels("eager")._value.get() - before == len(chunks)
-    assert r.metrics.padded_rows._value.get() == padded
-    assert r.metrics.computed_rows._value.get() == sum(chunks)
-    expect = consistency_sample(r.model, noise, labels, torch.tensor(r.card.schedules[2]), 0.5)
+    assert r.metrics.runner_runs.labels(name, "eager")._value.get() - before == len(chunks)
+    assert r.metrics.padded_rows.labels(name)._value.get() == padded
+    assert r.metrics.computed_rows.labels(name)._value.get() == sum(chunks)
+    expect = consistency_sample(r.model, noise, labels, torch.tensor(r.card.schedules[2]))
     torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
 
 
@@ -52,9 +53,7 @@ def test_padding_rows_do_not_leak_into_real_rows(tiny_ckpt: Path) -> None:
     labels = torch.tensor([1, 2, 3, 4])
     r.run(1, noise, labels)  # fill the buffers with other data
     one = r.run(1, noise[:, :1] * 0.5, labels[:1])
-    alone = consistency_sample(
-        r.model, noise[:, :1] * 0.5, labels[:1], torch.tensor(r.card.schedules[1]), 0.5
-    )
+    alone = consistency_sample(r.model, noise[:, :1] * 0.5, labels[:1], torch.tensor(r.card.schedules[1]))
     torch.testing.assert_close(one, alone, rtol=1e-4, atol=1e-5)
 
 
