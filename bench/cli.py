@@ -24,7 +24,16 @@ DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "models" / "weights" 
 def add_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("sampler", help="raw sampler throughput (no HTTP)")
-    s.add_argument("--checkpoint", default="")
+    s.add_argument("--checkpoint", default="", help="one model to time (any layout `serve` loads)")
+    s.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a model to time, repeatable: each gets the same rows (PATH: a cmserve checkpoint or a "
+        "diffusers ConsistencyModelPipeline directory); default the shipped model",
+    )
     s.add_argument("--device", default="auto")
     s.add_argument(
         "--backends", default="", help="comma list of eager,graph; default eager on CPU, both on CUDA"
@@ -36,7 +45,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--quick", action="store_true")
     s.add_argument("--json", default="")
     v = sub.add_parser("server", help="open-loop load sweep against real servers")
-    v.add_argument("--checkpoint", default="")
+    v.add_argument(
+        "--checkpoint",
+        "--model",
+        dest="checkpoint",
+        default="",
+        help="the model every server serves: a cmserve checkpoint or a diffusers directory",
+    )
     v.add_argument("--teacher", default=str(DEFAULT_TEACHER))
     v.add_argument("--device", default="auto")
     v.add_argument(
@@ -90,7 +105,7 @@ def run_sampler(args: argparse.Namespace) -> dict[str, Any]:
         ckpt = str(build_placeholder(Path(tempfile.mkdtemp()) / "tiny"))
     rows = bench_sampler(
         ckpt, args.device, backends, buckets, steps, 2 if args.quick else args.repeats,
-        rounds=1 if args.quick else args.rounds,
+        rounds=1 if args.quick else args.rounds, models=args.models,
     )  # fmt: skip
     return {"machine": machine(), "rows": rows}
 

@@ -38,8 +38,9 @@ def build_engine(ckpt: Path, backend: str, dtype: str, buckets: list[int], devic
 
 def sample_pair(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same n images from `graph` (its kernels as configured) and from `eager` running the
-    torch reference ops. Labels cycle 0..9, seeds run from seed0."""
-    labels: list[int | None] = [i % 10 for i in range(n)]
+    torch reference ops. Labels cycle through the model's classes, seeds run from seed0."""
+    k = graph.card.num_classes
+    labels: list[int | None] = [i % k if k else None for i in range(n)]
     seeds = list(range(seed0, seed0 + n))
     a = graph.call(graph.sample, steps, labels, seeds)
     kernels.use_reference(True)

@@ -54,7 +54,13 @@ def _request_buckets(proc: Proc) -> dict[float, float]:
 
 
 def sweep(
-    proc: Proc, rates: list[float], duration: float, server_hist: bool, steps: int = 2, min_requests: int = 0
+    proc: Proc,
+    rates: list[float],
+    duration: float,
+    server_hist: bool,
+    steps: int = 2,
+    min_requests: int = 0,
+    classes: int = 10,
 ) -> list[dict[str, Any]]:
     """Each rate runs for `duration` s, longer where that would send fewer than `min_requests`
     (at 9 req/s, 5 s is 45 requests: their p99 would be their maximum)."""
@@ -67,7 +73,7 @@ def sweep(
                 proc.port,
                 rate,
                 max(duration, min_requests / rate),
-                body_fn=lambda r: (make_body(r, steps=steps), 1),
+                body_fn=lambda r: (make_body(r, steps=steps, classes=classes), 1),
             )
         )
         row = res.summary()
@@ -177,7 +183,8 @@ class ServerBench:
         """One request at a time; for cmserve, raw batch 1 timed around it (the idle overhead's
         denominator)."""
         for name, proc in self.procs.items():
-            loop = partial(run, closed_loop("127.0.0.1", proc.port, 10 if self.args.quick else 60))
+            count = 10 if self.args.quick else 60
+            loop = partial(run, closed_loop("127.0.0.1", proc.port, count, classes=self.classes))
             if name == "cmserve":
                 idle, raw_b1 = self.around(name, 1, "idle", loop)
                 self.cfgs[name]["raw_batch1_ms"] = round(statistics.mean(raw_b1), 3)
@@ -194,7 +201,14 @@ class ServerBench:
         for i, rate in enumerate(rates):
             for name, proc in self.procs.items():
                 one_rate = partial(
-                    sweep, proc, [rate], self.duration, name in HIST_CONFIGS, 2, self.min_requests
+                    sweep,
+                    proc,
+                    [rate],
+                    self.duration,
+                    name in HIST_CONFIGS,
+                    2,
+                    self.min_requests,
+                    self.classes,
                 )
                 if name == "cmserve" and (self.fractions[i] >= 0.5 or i == len(rates) - 1):
                     rows, raw_ms = self.around(name, 64, f"at {rate} req/s", one_rate)
@@ -210,7 +224,9 @@ class ServerBench:
         cm = self.cfgs["cmserve"]
         self.only("cmserve")
         at70 = round(0.7 * cm["saturation_images_per_s"], 2)
-        cm["at_70pct"] = sweep(self.procs["cmserve"], [at70], self.duration, True, 2, self.min_requests)[0]
+        cm["at_70pct"] = sweep(
+            self.procs["cmserve"], [at70], self.duration, True, 2, self.min_requests, self.classes
+        )[0]
         if "litserve" in self.cfgs:
             self.cfgs["litserve"]["settings"] = {
                 "max_batch_size": self.args.litserve_max_batch,
@@ -274,6 +290,7 @@ class ServerBench:
         self.clock = RawClock(
             self.checkpoint, a.device, repeats=3 if a.quick else 7, rounds=1 if a.quick else 3
         )
+        self.classes = self.clock.e.card.num_classes  # what the request bodies may name
         start_ips = 64e3 / self.clock.ms(64, "start")
         rates = [round(f * start_ips, 2) for f in self.fractions]  # the sweep's rates: from the start figure
         result: dict[str, Any] = {

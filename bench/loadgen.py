@@ -128,10 +128,12 @@ class RunResult:
         }
 
 
-def make_body(rng: random.Random, n: int = 1, steps: int = 2) -> bytes:
-    return json.dumps(
-        {"class_label": rng.randrange(10), "seed": rng.randrange(2**31), "n": n, "steps": steps}
-    ).encode()
+def make_body(rng: random.Random, n: int = 1, steps: int = 2, classes: int = 10) -> bytes:
+    """A generate body: a random class of `classes` (none for an unconditional model, 0)."""
+    body: dict[str, int] = {"seed": rng.randrange(2**31), "n": n, "steps": steps}
+    if classes:
+        body = {"class_label": rng.randrange(classes), **body}
+    return json.dumps(body).encode()
 
 
 async def open_loop(
@@ -177,7 +179,7 @@ async def open_loop(
 
 
 async def closed_loop(
-    host: str, port: int, count: int, seed: int = 0, path: str = "/v1/generate"
+    host: str, port: int, count: int, seed: int = 0, path: str = "/v1/generate", classes: int = 10
 ) -> list[float]:
     """One request at a time: the unloaded latency (seconds) of each."""
     rng = random.Random(seed)
@@ -185,7 +187,7 @@ async def closed_loop(
     out = []
     for _ in range(count):
         t = time.perf_counter()
-        status, _ = await client.post(path, make_body(rng))
+        status, _ = await client.post(path, make_body(rng, classes=classes))
         if status == 200:
             out.append(time.perf_counter() - t)
     client.close()

@@ -39,7 +39,12 @@ STUB_ENV = "CMSERVE_BENCH_STUB"
 
 
 def stub_run_batch(
-    self: Any, steps: int, labels: list[int | None], seeds: list[int], model: str | None = None
+    self: Any,
+    steps: int,
+    labels: list[int | None],
+    seeds: list[int],
+    model: str | None = None,
+    edits: Any = None,
 ) -> Any:
     """A model that answers at once (blank images of the model's shape): what is left of a
     request's cost is the front end's — HTTP, validation, batching, PNG encoding."""

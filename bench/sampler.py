@@ -25,44 +25,57 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def time_batch(e: Any, steps: int, b: int, repeats: int) -> float:
-    """Median seconds of Engine.run_batch (noise, copy in, sample, copy out, uint8). Called on the
-    engine's compute thread, as in the server."""
+def time_batch(e: Any, steps: int, b: int, repeats: int, model: str | None = None) -> float:
+    """Median seconds of Engine.run_batch (noise, copy in, sample, copy out, uint8) for `model`
+    (None: the default). Called on the engine's compute thread, as in the server."""
     import torch
 
-    labels: list[int | None] = [i % 10 for i in range(b)]
+    card = e.get(model).card
+    labels: list[int | None] = [i % card.num_classes if card.num_classes else None for i in range(b)]
     seeds = list(range(b))
-    e.run_batch(steps, labels, seeds)  # warm
+    e.run_batch(steps, labels, seeds, model)  # warm
     times = []
     for _ in range(repeats):
         if e.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        e.run_batch(steps, labels, seeds)
+        e.run_batch(steps, labels, seeds, model)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def best_of_rounds(
-    e: Any, keys: list[tuple[int, int]], repeats: int, rounds: int
-) -> dict[tuple[int, int], float]:
-    """(steps, bucket) -> seconds: the median of `repeats` timed batches, best over `rounds` rounds
-    that each visit every key once (a burst of noise from other processes on a shared machine then
-    spoils one round, not the figure)."""
+Key = tuple[int, int, str | None]  # (steps, batch, model)
+
+
+def best_of_rounds(e: Any, keys: list[Key], repeats: int, rounds: int) -> dict[Key, float]:
+    """(steps, bucket, model) -> seconds: the median of `repeats` timed batches, best over
+    `rounds` rounds that each visit every key once (a burst of noise from other processes on a
+    shared machine then spoils one round, not the figure)."""
     best = {k: float("inf") for k in keys}
     for _ in range(rounds):
         for key in keys:
-            best[key] = min(best[key], e.call(time_batch, e, key[0], key[1], repeats))
+            best[key] = min(best[key], e.call(time_batch, e, key[0], key[1], repeats, key[2]))
     return best
 
 
-def raw_engine(checkpoint: str, device: str, backend: str, buckets: list[int], steps: list[int]) -> Any:
+def raw_engine(
+    checkpoint: str,
+    device: str,
+    backend: str,
+    buckets: list[int],
+    steps: list[int],
+    models: list[str] | None = None,
+) -> Any:
+    """An engine of `models` (NAME=PATH entries), else of `checkpoint`, warmed up at `steps`
+    (those each model supports)."""
     from server.engine import Engine
     from server.metrics import Metrics
     from server.settings import Settings
 
-    e = Engine(Settings(checkpoint=checkpoint, device=device, backend=backend, buckets=buckets), Metrics())
-    e.call(e.runner.warmup, steps)
+    s = Settings(checkpoint=checkpoint, models=models or [], device=device, backend=backend, buckets=buckets)
+    e = Engine(s, Metrics())
+    for m in e.models.values():
+        e.call(m.runner.warmup, [st for st in steps if st in m.card.schedules])
     return e
 
 
@@ -74,18 +87,29 @@ def bench_sampler(
     steps_list: list[int],
     repeats: int,
     rounds: int = 1,
+    models: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per (backend, steps, bucket): ms per batch and images/s (`best_of_rounds`)."""
+    """Per (backend, model, steps, bucket): ms per batch and images/s (`best_of_rounds`)."""
     rows = []
     for backend in backends:
-        e = raw_engine(checkpoint, device, backend, buckets, steps_list)
-        best = best_of_rounds(e, [(s, b) for s in steps_list for b in buckets], repeats, rounds)
-        for (steps, b), sec in best.items():
+        e = raw_engine(checkpoint, device, backend, buckets, steps_list, models)
+        keys: list[Key] = [
+            (s, b, name)
+            for name, m in e.models.items()
+            for s in steps_list
+            if s in m.card.schedules
+            for b in buckets
+        ]
+        best = best_of_rounds(e, keys, repeats, rounds)
+        for (steps, b, name), sec in best.items():
             ms = sec * 1e3
+            card = e.get(name).card
             rows.append(
                 {
                     "backend": backend,
-                    "model": e.card.name,
+                    "model": card.name,
+                    "family": card.family,
+                    "image": f"{card.channels}x{card.image_size}x{card.image_size}",
                     "steps": steps,
                     "batch": b,
                     "ms_per_batch": round(ms, 3),
@@ -110,7 +134,7 @@ class RawClock:
         self.checks: list[dict[str, Any]] = []
 
     def ms(self, batch: int, label: str) -> float:
-        sec = best_of_rounds(self.e, [(2, batch)], self.repeats, self.rounds)[(2, batch)]
+        sec = best_of_rounds(self.e, [(2, batch, None)], self.repeats, self.rounds)[(2, batch, None)]
         row = {"at_s": round(time.monotonic() - self.t0, 1), "when": label, "batch": batch}
         row.update({"ms_per_batch": round(sec * 1e3, 3), "images_per_s": round(batch / sec, 1)})
         self.checks.append(row)

@@ -22,11 +22,10 @@ from safetensors.torch import load_file, save_file
 from models.config import DiTConfig
 from models.consistency import TrigFlow, validate_schedule
 from models.dit import DiT
-from models.interface import ModelInfo
+from models.interface import KINDS, ModelInfo
 
 FORMAT = "cmserve.checkpoint"
 FORMAT_VERSION = 1
-KINDS = ("consistency", "diffusion")
 
 
 class CheckpointError(ValueError):
@@ -42,19 +41,11 @@ class ModelCard:
     sigma_d: float
     schedules: dict[int, tuple[float, ...]]
     provenance: dict[str, Any] = field(default_factory=dict)
-    default_steps: int | None = None  # what a request without `steps` gets; see `steps_default`
+    default_steps: int | None = None  # what a request without `steps` gets (ModelInfo.steps_default)
 
     @property
     def steps(self) -> list[int]:
         return sorted(self.schedules)
-
-    @property
-    def steps_default(self) -> int:
-        """The card's own default, else 2 where supported (the few-step sweet spot), else the
-        fewest it supports (a teacher card: its one ODE step count)."""
-        if self.default_steps is not None:
-            return self.default_steps
-        return 2 if 2 in self.schedules else min(self.schedules)
 
     def info(self, name: str | None = None) -> ModelInfo:
         """How the server sees this checkpoint (served as `name`, default the card's)."""
@@ -70,6 +61,7 @@ class ModelCard:
             null_label=self.arch.num_classes,  # the DiT's extra embedding row
             default_steps=self.default_steps,
             provenance=self.provenance,
+            sigma_data=self.sigma_d,
         )
 
     def to_json(self, weights_file: str, sha256: str) -> dict[str, Any]:

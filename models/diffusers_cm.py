@@ -206,5 +206,6 @@ def load_diffusers_cm(
             **({"card": card.get("provenance")} if isinstance(card.get("provenance"), dict) else {}),
         },  # fmt: skip
         time_name="sigma",
+        sigma_data=cfg.sigma_data,
     )
     return model, info

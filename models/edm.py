@@ -90,10 +90,10 @@ class EDMConsistency(nn.Module):
         return self(x_t, t, labels)
 
     def start(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x = σ_0·z (σ_0 = σ_max: every schedule starts there)."""
-        return t * z
+        """x = σ_0·z (σ_0 = σ_max: every schedule starts there). t: 0-d or [B]."""
+        return t.reshape(-1, *([1] * (z.dim() - 1))) * z
 
     def renoise(self, x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x = x0 + √(σ² − σ_min²)·z, σ clamped into [σ_min, σ_max]."""
-        s = t.clamp(self.cfg.sigma_min, self.cfg.sigma_max)
+        """x = x0 + √(σ² − σ_min²)·z, σ clamped into [σ_min, σ_max]. t: 0-d or [B]."""
+        s = t.clamp(self.cfg.sigma_min, self.cfg.sigma_max).reshape(-1, *([1] * (z.dim() - 1)))
         return x0 + z * (s**2 - self.cfg.sigma_min**2) ** 0.5

@@ -62,6 +62,7 @@ class ModelInfo:
     default_steps: int | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     time_name: str = "t"  # what the schedules' numbers are: "t" (TrigFlow) or "sigma" (EDM)
+    sigma_data: float = 0.5  # the data's standard deviation the parametrization assumes
 
     @property
     def num_classes(self) -> int:

@@ -12,28 +12,43 @@ from collections.abc import Callable
 import torch
 
 from models.consistency import ddim_step
+from models.editing import Constraint
 from models.interface import ConsistencyModel
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def consistency_sample(
-    model: ConsistencyModel, noise: torch.Tensor, labels: torch.Tensor, times: torch.Tensor
+    model: ConsistencyModel,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    times: torch.Tensor,
+    constraint: Constraint | None = None,
 ) -> torch.Tensor:
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1) in the model's own time.
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) in the model's own time, and
+    with a constraint its zero-shot editing (Alg. 4).
 
     noise: [S, B, C, H, W] standard normal, one slice per step; labels: [B] int64;
-    times: [S] fp32, descending, the model's schedule. Returns x0: [B, C, H, W].
-    Step 1 denoises `model.start(z_0, times[0])`; step i > 1 denoises the previous estimate
-    re-noised to times[i] with z_i (`model.renoise`: TrigFlow cos(t)·x0 + sin(t)·σ_d·z, EDM
-    x0 + √(σ² − σ_min²)·z).
+    times: [S] fp32 descending (the model's schedule), or [S, B]: each row its own (variations).
+    Returns x0: [B, C, H, W].
+    Step 1 denoises `model.start(z_0, times[0])` (rows with `constraint.from_ref` start from the
+    reference re-noised instead); step i > 1 denoises the previous estimate re-noised to
+    times[i] with z_i (`model.renoise`: TrigFlow cos(t)·x0 + sin(t)·σ_d·z, EDM
+    x0 + √(σ² − σ_min²)·z). With a constraint, every estimate is projected onto it first.
     """
     S, B = noise.shape[:2]
     x = model.start(noise[0], times[0])
+    if constraint is not None:
+        from_ref = constraint.from_ref.reshape(-1, *([1] * (x.dim() - 1))) > 0
+        x = torch.where(from_ref, model.renoise(constraint.ref, noise[0], times[0]), x)
     x0 = model.denoise(x, times[0].expand(B), labels)
+    if constraint is not None:
+        x0 = constraint.project(x0)
     for i in range(1, S):
         x = model.renoise(x0, noise[i], times[i])
         x0 = model.denoise(x, times[i].expand(B), labels)
+        if constraint is not None:
+            x0 = constraint.project(x0)
     return x0
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import openai_images
+from server import edits, openai_images
 from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
 from server.engine import Engine, ServedModel
@@ -197,6 +197,42 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         check_key(request, st)
         return await openai_images.images_generations(request, st)
 
+    @app.post(
+        "/v1/images/edits",
+        responses={**ERRORS, 404: {"model": ErrorResponse, "description": "model not served here"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/EditRequest"}},
+                    "application/json": {"schema": {"$ref": "#/components/schemas/EditRequest"}},
+                },
+            }
+        },
+    )
+    async def images_edits(request: Request) -> Any:
+        """Zero-shot editing (inpaint, superres, variation): OpenAI's multipart shape (`image`,
+        `mask` files) or JSON with base64 PNGs."""
+        check_key(request, st)
+        return await edits.images_edits(request, st)
+
+    @app.post(
+        "/v1/images/interpolations",
+        responses={**ERRORS, 404: {"model": ErrorResponse, "description": "model not served here"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InterpolationRequest"}}
+                },
+            }
+        },
+    )
+    async def images_interpolations(request: Request) -> Any:
+        """Frames between two seeds' images (slerp of their noises), both ends included."""
+        check_key(request, st)
+        return await edits.images_interpolations(request, st)
+
     # make the request bodies appear in components/schemas for the openapi_extra references
     _orig_openapi = app.openapi
 
@@ -204,7 +240,12 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         if app.openapi_schema is None:
             schema = _orig_openapi()
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            for body in (GenerateRequest, openai_images.ImagesRequest):
+            for body in (
+                GenerateRequest,
+                openai_images.ImagesRequest,
+                edits.EditRequest,
+                edits.InterpolationRequest,
+            ):
                 req = body.model_json_schema(ref_template="#/components/schemas/{model}")
                 _limit_schema(req, st)
                 schemas[body.__name__] = req
@@ -236,7 +277,7 @@ def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
     classes and step counts."""
     _json_schema_bounds(req)
     props = req["properties"]
-    props["n"]["maximum"] = st.settings.max_images_per_request
+    props["n" if "n" in props else "frames"]["maximum"] = st.settings.max_images_per_request
     if st.engine is None:
         return
     # with several models, what any of them accepts (the route checks the named one)

@@ -31,9 +31,9 @@ from server.metrics import Metrics
 
 log = logging.getLogger("cmserve.batcher")
 
-# (steps, labels per image, seeds per image, model name) -> uint8 images [B, H, W, C]; runs on the
-# worker thread.
-RunBatch = Callable[[int, list[int | None], list[int], str], np.ndarray]
+# (steps, labels per image, seeds per image, model name, edits per image or None) -> uint8 images
+# [B, H, W, C]; runs on the worker thread.
+RunBatch = Callable[[int, list[int | None], list[int], str, list[Any] | None], np.ndarray]
 
 
 class QueueFull(Exception):
@@ -66,6 +66,7 @@ class Job:
     request_id: str
     future: asyncio.Future[JobResult]
     model: str = ""  # the served model's name ("" where the batcher serves one model)
+    edits: list[Any] | None = None  # one per image (models.editing.RowEdit), None = plain generation
     enqueued: float = field(default_factory=time.monotonic)
     client_gone: bool = False
 
@@ -241,6 +242,9 @@ class Batcher:
         model, steps = batch[0].key
         labels = [lab for job in batch for lab in job.labels]
         seeds = [s for job in batch for s in job.seeds]
+        edits = None  # plain batches carry none; a batch with an edit carries one per image
+        if any(job.edits for job in batch):
+            edits = [e for job in batch for e in (job.edits or [None] * job.n)]
         started = time.monotonic()
         for job in batch:
             self.metrics.queue_wait.observe(started - job.enqueued)
@@ -248,7 +252,9 @@ class Batcher:
         self._running = batch
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(self._executor, self.run_batch, steps, labels, seeds, model)
+            images = await loop.run_in_executor(
+                self._executor, self.run_batch, steps, labels, seeds, model, edits
+            )
             if images.shape[0] != len(seeds):
                 raise RuntimeError(f"batch returned {images.shape[0]} images for {len(seeds)} requested")
         except Exception as e:  # one bad batch fails its own requests only

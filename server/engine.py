@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from models.editing import RowEdit, batch_constraint, slerp
 from models.interface import ConsistencyModel, ModelInfo
 from models.load import load_model
 from models.placeholder import build_placeholder
@@ -130,7 +131,8 @@ class Engine:
             weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
             self.models[card.name] = ServedModel(card, model, runner, placeholder, weights)
             self.metrics.model_memory.labels(card.name, "weights").set(weights)
-            self.metrics.images.labels(card.name)
+            self.metrics.images.labels(card.name)  # every series exported at 0 from the start
+            self.metrics.batch_size.labels(card.name)
             self.metrics.model_info.labels(card.name, card.family, card.kind, str(placeholder).lower()).set(1)
             log.info("model %s: %s family, %s, from %s", card.name, card.family, card.kind, path)
         self.default = next(iter(self.models))
@@ -199,26 +201,56 @@ class Engine:
         )
         return chosen
 
-    def make_noise(self, steps: int, seeds: list[int], model: str | None = None) -> torch.Tensor:
-        """-> [S, B, C, H, W]: image i's noise for every step from its own generator."""
+    def make_noise(
+        self,
+        steps: int,
+        seeds: list[int],
+        model: str | None = None,
+        edits: list[RowEdit | None] | None = None,
+    ) -> torch.Tensor:
+        """-> [S, B, C, H, W]: image i's noise for every step from its own generator (for an
+        interpolation frame, the slerp of its two seeds' noises)."""
         runner = self.get(model).runner
         shape = (runner.noise_slices(steps), *runner.image_shape)
-        per_image = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+
+        def draw(seed: int) -> torch.Tensor:
+            return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+        per_image = []
+        for i, s in enumerate(seeds):
+            e = edits[i] if edits else None
+            if e is not None and e.mode == "interpolate":
+                per_image.append(slerp(draw(s), draw(e.seed_b), e.alpha))
+            else:
+                per_image.append(draw(s))
         return torch.stack(per_image, dim=1)
 
     def sample(
-        self, steps: int, labels: list[int | None], seeds: list[int], model: str | None = None
+        self,
+        steps: int,
+        labels: list[int | None],
+        seeds: list[int],
+        model: str | None = None,
+        edits: list[RowEdit | None] | None = None,
     ) -> torch.Tensor:
-        """-> x0 [B, C, H, W] fp32 in the model's data range (`value_range`)."""
+        """-> x0 [B, C, H, W] fp32 in the model's data range (`value_range`). edits: one entry per
+        image, None for plain generation (models/editing.py)."""
         m = self.get(model)
         pad = m.card.pad_label
         y = torch.tensor([pad if lab is None else lab for lab in labels], dtype=torch.long)
-        return m.runner.run(steps, self.make_noise(steps, seeds, model), y)
+        noise = self.make_noise(steps, seeds, model, edits)
+        constraint, times = batch_constraint(m.card, steps, edits) if edits else (None, None)
+        return m.runner.run(steps, noise, y, constraint, times)
 
     def run_batch(
-        self, steps: int, labels: list[int | None], seeds: list[int], model: str | None = None
+        self,
+        steps: int,
+        labels: list[int | None],
+        seeds: list[int],
+        model: str | None = None,
+        edits: list[RowEdit | None] | None = None,
     ) -> np.ndarray:
-        x = self.sample(steps, labels, seeds, model)
+        x = self.sample(steps, labels, seeds, model, edits)
         if not torch.isfinite(x).all():
             raise NonFiniteOutput("sampler output holds non-finite values")
         return self.get(model).card.to_uint8(x)

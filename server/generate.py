@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
+from models.editing import RowEdit
 from models.grid import png_bytes
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.deps import ApiError, ServerState
@@ -156,9 +157,16 @@ class Served:
 
 
 async def serve(
-    request: Request, st: ServerState, req: GenerateRequest, t_arrive: float
+    request: Request,
+    st: ServerState,
+    req: GenerateRequest,
+    t_arrive: float,
+    edits: list[RowEdit | None] | None = None,
+    same_seed: bool = False,
 ) -> Served | Response:
     """Queue one validated request, wait for it (deadline, disconnect) and encode its images.
+    edits: one per image for an edit request (models/editing.py), None for generation;
+    same_seed: every image gets `seed` (interpolation frames), not seed + i.
     -> the images, or a bare 499 response when the client left; raises ApiError for the rest."""
     assert st.batcher is not None and req.steps is not None
     batcher, m = st.batcher, st.metrics
@@ -172,7 +180,8 @@ async def serve(
         model=req.model,
         steps=req.steps,
         labels=[req.class_label] * req.n,
-        seeds=[seed + i for i in range(req.n)],
+        seeds=[seed] * req.n if same_seed else [seed + i for i in range(req.n)],
+        edits=edits,
         deadline=t_arrive + timeout,
         request_id=rid,
         future=asyncio.get_running_loop().create_future(),

@@ -103,6 +103,12 @@ class Metrics:
         self.images = Counter(
             "cmserve_images_generated_total", "Images generated and returned.", ["model"], registry=r
         )
+        self.edits = Counter(
+            "cmserve_edit_images_total",
+            "Images returned by the editing routes, by model and mode.",
+            ["model", "mode"],
+            registry=r,
+        )
         self.rejected = Counter(
             "cmserve_rejected_total",
             "Requests refused or dropped before compute, by reason.",

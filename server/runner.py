@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from models.editing import Constraint
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_sample, ode_sample
 from server.metrics import Metrics
@@ -28,10 +29,21 @@ class Slot:
     steps: int
     noise: torch.Tensor  # [S, bucket, C, H, W] fp32, S = noise_slices(steps)
     labels: torch.Tensor  # [bucket] int64
-    times: torch.Tensor  # [S] (consistency) or [steps + 1] (ODE) fp32
+    times: torch.Tensor  # [S, bucket] per row (consistency) or [steps + 1] (ODE) fp32
     out: torch.Tensor  # [bucket, C, H, W] fp32
     fn: Callable[[], None]
+    edit: Constraint | None = None  # per-row edit buffers (consistency models)
     graph: Any = None
+    dirty: bool = False  # edit buffers or row times hold a previous batch's edits
+
+    def clean(self, schedule: torch.Tensor) -> None:
+        """Every row back to plain sampling on the model's schedule [S]."""
+        if self.edit is not None:
+            self.edit.keep.zero_()
+            self.edit.patch.zero_()
+            self.edit.from_ref.zero_()
+            self.times.copy_(schedule[:, None].expand_as(self.times))
+        self.dirty = False
 
 
 class SamplerRunner:
@@ -78,11 +90,16 @@ class SamplerRunner:
         times = torch.tensor(self.card.schedules[steps], dtype=torch.float32, device=dev)
         out = torch.zeros((bucket, *self.image_shape), device=dev)
         model = self.model
+        edit = None
 
         if self.card.kind == "consistency":
+            # each row's own times and edit constraint, as data: one graph serves any mix of
+            # plain and edit rows (models/editing.py)
+            times = times[:, None].repeat(1, bucket).contiguous()
+            edit = Constraint.empty(bucket, self.image_shape, dev)
 
             def sample() -> torch.Tensor:
-                return consistency_sample(model, noise, labels, times)
+                return consistency_sample(model, noise, labels, times, edit)
         else:  # a TrigFlow teacher (the only diffusion kind a loader produces)
             velocity, sigma_d = model.velocity, model.sigma_d  # type: ignore[attr-defined]
 
@@ -93,7 +110,7 @@ class SamplerRunner:
         def fn() -> None:
             out.copy_(sample())
 
-        return Slot(bucket, steps, noise, labels, times, out, fn)
+        return Slot(bucket, steps, noise, labels, times, out, fn, edit)
 
     def warmup(self, steps_list: list[int]) -> None:
         """Build every slot, run each once, and on CUDA capture it (largest bucket first)."""
@@ -152,11 +169,40 @@ class SamplerRunner:
         self._replay(slot)
         self.metrics.runner_runs.labels(self.card.name, "eager" if slot.graph is None else "graph").inc()
 
-    def run(self, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _schedule(self, steps: int) -> torch.Tensor:
+        return torch.tensor(self.card.schedules[steps], dtype=torch.float32, device=self.device)
+
+    def _load_edits(
+        self, slot: Slot, start: int, n: int, edit: Constraint | None, times: torch.Tensor | None
+    ) -> None:
+        """Rows start..start+n of the batch's edits and times into the slot's buffers."""
+        if slot.edit is None:
+            raise ValueError(f"model {self.card.name!r} ({self.card.kind}) cannot edit")
+        if slot.dirty:
+            slot.clean(self._schedule(slot.steps))
+        slot.dirty = True
+        rows = slice(start, start + n)
+        if times is not None:
+            slot.times[:, :n].copy_(times[:, rows], non_blocking=True)
+        if edit is not None:
+            for name in ("ref", "keep", "patch", "from_ref"):
+                getattr(slot.edit, name)[:n].copy_(getattr(edit, name)[rows], non_blocking=True)
+
+    def run(
+        self,
+        steps: int,
+        noise: torch.Tensor,
+        labels: torch.Tensor,
+        edit: Constraint | None = None,
+        times: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """noise: [S, B, C, H, W] fp32 (CPU); labels: [B] int64 -> x0: [B, C, H, W] fp32 on the CPU.
+        edit: the rows' constraints (CPU, [B, ...]); times: [S, B] the rows' own times; both
+        None for plain sampling.
 
         Rows run in chunks of at most the largest bucket, each padded up to its bucket; padding
-        rows get `pad_label` and whatever noise the buffer held (rows are independent).
+        rows get `pad_label` and whatever noise (and edit data) the buffers held (rows are
+        independent).
         """
         B = labels.shape[0]
         out = torch.empty((B, *self.image_shape), dtype=torch.float32)
@@ -173,6 +219,11 @@ class SamplerRunner:
             slot.labels[:n].copy_(labels[start : start + n], non_blocking=True)
             if n < slot.bucket:
                 slot.labels[n:].fill_(self.pad_label)
+            if edit is None and times is None:
+                if slot.dirty:
+                    slot.clean(self._schedule(steps))
+            else:
+                self._load_edits(slot, start, n, edit, times)
             self._execute(slot)
             out[start : start + n].copy_(slot.out[:n])  # device -> host; synchronizes
             self.metrics.padded_rows.labels(self.card.name).inc(slot.bucket - n)

@@ -35,6 +35,32 @@ def test_sampler_bench_quick(tmp_path: Path) -> None:
     assert all(row["images_per_s"] > 0 and row["ms_per_batch"] > 0 for row in r["rows"])
 
 
+def test_sampler_bench_times_each_model_alike(tmp_path: Path) -> None:
+    """The DiT and a diffusers UNet consistency model in one run, the same fields for each."""
+    pytest.importorskip("diffusers")
+    from tests.models.diffusers_fixtures import save_cm_dir
+
+    cd = save_cm_dir(tmp_path / "cd", 3, {"schedules": {"1": [0], "2": [22, 0]}})
+    tiny = ROOT / "models" / "weights" / "cm-mnist.json"
+    r = _bench("sampler", "--model", f"mnist={tiny}", "--model", f"cd={cd}", tmp=tmp_path)
+    by_model = {m: [row for row in r["rows"] if row["model"] == m] for m in ("mnist", "cd")}
+    assert [row["family"] for row in by_model["cd"]] == ["edm"] * 3
+    assert by_model["cd"][0]["image"] == "3x8x8" and by_model["mnist"][0]["image"] == "1x28x28"
+    assert {tuple(sorted(row)) for row in r["rows"]} == {tuple(sorted(by_model["mnist"][0]))}
+    assert all(row["images_per_s"] > 0 for row in r["rows"])
+
+
+def test_server_bench_serves_a_diffusers_model(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    from tests.models.diffusers_fixtures import save_cm_dir
+
+    cd = save_cm_dir(tmp_path / "cd", None)  # unconditional: the bodies name no class
+    r = _bench("server", "--model", str(cd), "--peers", "plain", tmp=tmp_path)
+    for name, cfg in r["configs"].items():
+        assert sum(row["statuses"].get("200", 0) for row in cfg["sweep"]) > 0, name
+        assert all(row["errors"] == 0 for row in cfg["sweep"]), (name, cfg["sweep"])
+
+
 def test_server_bench_quick(tmp_path: Path) -> None:
     r = _bench("server", "--plot", str(tmp_path / "plot.png"), tmp=tmp_path)
     for key in (

@@ -65,8 +65,9 @@ def test_graph_replay_equals_eager_reference(ckpt: str, dtype: str) -> None:
             a, b = sample_pair(graph, eager, steps, n, 100)
             err = float((a - b).norm() / b.norm())
             assert err < GRAPH_VS_REFERENCE[dtype], f"{ckpt} {dtype} steps={steps} n={n}: {err:.3g}"
-    assert graph.metrics.runner_runs.labels("graph")._value.get() > 0
-    assert graph.metrics.runner_runs.labels("eager")._value.get() == 0
+    runs = graph.metrics.runner_runs
+    assert runs.labels(graph.card.name, "graph")._value.get() > 0
+    assert runs.labels(graph.card.name, "eager")._value.get() == 0
     graph.close()
     eager.close()
 

@@ -18,16 +18,16 @@ _orig_run, _orig_sample = engine_mod.Engine.run_batch, engine_mod.Engine.sample
 _slow_s = float(os.environ.get("FAULT_SLOW_MS", "0")) / 1000.0
 
 
-def faulty_run_batch(self, steps, labels, seeds, model=None):  # type: ignore[no-untyped-def]
+def faulty_run_batch(self, steps, labels, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
     if _slow_s:
         time.sleep(_slow_s)
     if 666 in seeds:
         raise RuntimeError("injected fault: internal detail that must not leak")
-    return _orig_run(self, steps, labels, seeds, model)
+    return _orig_run(self, steps, labels, seeds, model, edits)
 
 
-def faulty_sample(self, steps, labels, seeds, model=None):  # type: ignore[no-untyped-def]
-    x = _orig_sample(self, steps, labels, seeds, model)
+def faulty_sample(self, steps, labels, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
+    x = _orig_sample(self, steps, labels, seeds, model, edits)
     if 777 in seeds:
         x[0].fill_(float("nan"))  # the engine's non-finite check must catch it
     return x

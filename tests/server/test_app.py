@@ -204,11 +204,11 @@ async def test_a_failing_batch_gets_500_and_the_next_one_works(tiny_ckpt: Path, 
         engine = app.state.cm.engine
         sample, calls = engine.sample, {"n": 0}
 
-        def faulty(steps, labels, seeds, model=None):  # type: ignore[no-untyped-def]
+        def faulty(steps, labels, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
             calls["n"] += 1
             if calls["n"] == 1 and fault == "raise":
                 raise RuntimeError("secret internal detail")
-            x = sample(steps, labels, seeds, model)
+            x = sample(steps, labels, seeds, model, edits)
             if calls["n"] == 1:
                 x[0].fill_(float("nan"))
             return x

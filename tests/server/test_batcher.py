@@ -22,7 +22,14 @@ class FakeSampler:
         self.gate.set()
         self.fail_next = False
 
-    def __call__(self, steps: int, labels: list[int | None], seeds: list[int], model: str) -> np.ndarray:
+    def __call__(
+        self,
+        steps: int,
+        labels: list[int | None],
+        seeds: list[int],
+        model: str,
+        edits: list | None,  # type: ignore[type-arg]
+    ) -> np.ndarray:
         self.gate.wait(5)
         self.batches.append((steps, list(seeds)))
         self.models.append(model)
