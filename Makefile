@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 
-.PHONY: serve test test-fast lint bench loadtest gpu-check gpu-wheels train eval fuzz soak ops-tools clean
+.PHONY: serve test test-fast lint bench loadtest gpu-check gpu-wheels train eval eval-edits fuzz soak ops-tools clean
 
 # torch is pinned here (not in pyproject) to the CPU wheel on this machine's disk: an unpinned
 # torch would pull a multi-GB CUDA build. On a GPU machine install the CUDA torch first.
@@ -50,6 +50,10 @@ train: $(VENV)/.test
 eval: $(VENV)/.test
 	$(VENV)/bin/cmserve eval --tune-schedules --teacher-guidance 1,1.75 --json docs/eval.json \
 		--grid docs/samples_2step.png
+
+# zero-shot inpainting and super-resolution on the 500 held-out digits (docs/model.md)
+eval-edits: $(VENV)/.test
+	$(VENV)/bin/cmserve eval --edits --json docs/eval-edits.json --grid docs/edits_2step.png
 
 bench: $(VENV)/.test
 	$(VENV)/bin/cmserve bench sampler --json docs/bench_sampler.json

@@ -47,6 +47,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="", help="write {'rows': [...]} here")
     p.add_argument("--grid", default="", help="also save a 10-class x 8-seed 2-step grid PNG here")
     p.add_argument(
+        "--edits",
+        action="store_true",
+        help="evaluate zero-shot inpainting and super-resolution instead (models/eval_edits.py)",
+    )
+    p.add_argument(
         "--tune-schedules",
         action="store_true",
         help="search the re-noising times of 2-4 steps by FLD and write a card with the best",
@@ -207,6 +212,11 @@ def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.edits:
+        from models.eval_edits import main as edits_main
+
+        edits_main(args)
+        return
     if args.tune_schedules:
         tune_schedules(args)
     if args.train_classifier:

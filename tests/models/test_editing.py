@@ -122,3 +122,27 @@ def test_edm_family_edits_too(tmp_path: Path) -> None:
     model, info = load_model(path)
     assert strength_times(info, 2, 0.4)[0] == pytest.approx(0.5 * math.tan(0.4 * math.pi / 2), rel=1e-6)
     e.close()
+
+
+def test_eval_edits_quick(tmp_path: Path) -> None:
+    """`cmserve eval --edits --quick`: every task at every step count, the baselines, the grid."""
+    import argparse
+
+    from models.eval_edits import evaluate_edits, markdown
+    from models.evaluate import WEIGHTS
+
+    args = argparse.Namespace(
+        checkpoint=str(WEIGHTS / "cm-mnist.json"), classifier=str(WEIGHTS / "lenet-mnist.safetensors"),
+        num_samples=500, quick=True, steps="1,2", seed=0, batch_size=250, grid=str(tmp_path / "g.png"),
+    )  # fmt: skip
+    result = evaluate_edits(args)
+    got = {(r["task"], r["method"], r["steps"]) for r in result["rows"]}
+    for task in ("inpaint bottom half", "super-resolution 7x7"):
+        assert {(task, "consistency", 1), (task, "consistency", 2)} <= got
+    assert ("inpaint bottom half", "class-mean fill", None) in got and (
+        "super-resolution 7x7",
+        "bicubic",
+        None,
+    ) in got
+    assert all(0 <= r["accuracy"] <= 1 and r["rmse"] > 0 for r in result["rows"])
+    assert (tmp_path / "g.png").stat().st_size > 1000 and "| inpaint bottom half |" in markdown(result)
