@@ -7,7 +7,10 @@ orthogonal projections, so the update is x0 ← x0 − P(x0 − y):
 - inpainting: A = I, P keeps the known pixels (`keep` = 1 there);
 - super-resolution: A = an orthogonal transform of each p×p patch whose first basis vector is
   the patch mean; keeping that coefficient of y means P(d) = the patch mean of d, spread back
-  over the patch (so the output's patch means are the input's).
+  over the patch (so the output's patch means are the input's);
+- colorization (colour models): A = an orthogonal transform of each pixel's channels whose first
+  basis vector is the luma direction u ∝ (0.299, 0.587, 0.114); P(d) = ⟨d, u⟩·u keeps the
+  input's luma and generates the chroma.
 Variation (SDEdit) needs no constraint: the row starts from y re-noised to an intermediate time
 instead of pure noise. Interpolation needs none either: its rows' noise is a slerp of two seeds'.
 
@@ -27,6 +30,8 @@ import torch.nn.functional as F
 from models.interface import ModelInfo
 
 SUPERRES_PATCHES = (2, 4, 7, 8, 14, 16, 32)  # p×p patch sizes offered where they divide the image
+_BT601 = torch.tensor([0.299, 0.587, 0.114])
+LUMA = _BT601 / _BT601.norm()  # the unit luma direction in RGB
 
 
 def patch_sizes(image_size: int) -> tuple[int, ...]:
@@ -41,13 +46,15 @@ class Constraint:
     ref: [B, C, H, W] the reference y in the model's data range (zeros where unused);
     keep: [B, C, H, W] 1 where y's pixel is kept (inpainting), else 0;
     patch: [B, P] 1 in column j where the row keeps y's patch means at `patches[j]`;
-    from_ref: [B] 1 where the row starts from y re-noised (variation), 0 from pure noise.
+    from_ref: [B] 1 where the row starts from y re-noised (variation), 0 from pure noise;
+    luma: [B] 1 where the row keeps y's luma (colorization; 3-channel models only).
     """
 
     ref: torch.Tensor
     keep: torch.Tensor
     patch: torch.Tensor
     from_ref: torch.Tensor
+    luma: torch.Tensor
     patches: tuple[int, ...]
 
     @classmethod
@@ -58,6 +65,7 @@ class Constraint:
             keep=torch.zeros((batch, *shape), device=device),
             patch=torch.zeros((batch, len(patch_sizes(shape[-1]))), device=device),
             from_ref=torch.zeros((batch,), device=device),
+            luma=torch.zeros((batch,), device=device),
             patches=patch_sizes(shape[-1]),
         )
 
@@ -68,6 +76,9 @@ class Constraint:
         for j, p in enumerate(self.patches):
             mean = F.avg_pool2d(d, p).repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)
             out = out - self.patch[:, j].reshape(-1, 1, 1, 1) * mean
+        if x0.shape[1] == 3:
+            u = LUMA.to(x0.device, x0.dtype).reshape(1, 3, 1, 1)
+            out = out - self.luma.reshape(-1, 1, 1, 1) * (d * u).sum(1, keepdim=True) * u
         return out
 
 
@@ -98,14 +109,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     return (wa * a.double() + wb * b.double()).to(a.dtype)
 
 
-MODES = ("inpaint", "superres", "variation", "interpolate")
-
-
 @dataclass(frozen=True)
 class RowEdit:
     """One image's edit, as the engine receives it. Tensors in the model's data range, [C, H, W].
 
     inpaint: keep = 1 where ref's pixel is known; superres: ref's p×p patch means are kept;
+    colorize: ref's luma is kept (ref = the gray image in every channel);
     variation: start from ref re-noised to the `strength` angle; interpolate: the image's noise
     is slerp(noise(its seed), noise(seed_b), alpha) (no reference)."""
 
@@ -140,6 +149,8 @@ def batch_constraint(
             c.keep[i] = e.keep
         elif e.mode == "superres":
             c.patch[i, c.patches.index(e.patch)] = 1.0
+        elif e.mode == "colorize":
+            c.luma[i] = 1.0
         elif e.mode == "variation":
             c.from_ref[i] = 1.0
             if times is None:

@@ -104,7 +104,7 @@ def evaluate_edits(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rows(c: Constraint, s: slice) -> Constraint:
-    return Constraint(c.ref[s], c.keep[s], c.patch[s], c.from_ref[s], c.patches)
+    return Constraint(c.ref[s], c.keep[s], c.patch[s], c.from_ref[s], c.luma[s], c.patches)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -29,8 +29,6 @@ from server.deps import ApiError, ServerState
 from server.generate import parse_body, read_json, ready_engine, serve, validate
 from server.schemas import MAX_SEED, JsonInt
 
-MODES = ("inpaint", "superres", "variation")
-
 
 class EditRequest(BaseModel):
     """The fields of an edit besides its images (in multipart, form fields of those names)."""
@@ -41,11 +39,12 @@ class EditRequest(BaseModel):
     mask: str | None = Field(
         None, description="JSON variant: the mask, a base64 PNG of the image's size; alpha 0 = generate."
     )
-    mode: Literal["inpaint", "superres", "variation"] = Field(
+    mode: Literal["inpaint", "superres", "variation", "colorize"] = Field(
         "inpaint",
         description="inpaint: generate where the mask (or the image's alpha) is 0; superres: the image "
         "is a low-resolution version (the model's size / p) whose p×p patch means are kept; "
-        "variation: start from the image re-noised to `strength`.",
+        "variation: start from the image re-noised to `strength`; colorize (colour models): a "
+        "grayscale image whose luma is kept.",
     )
     strength: Annotated[StrictFloat | StrictInt, Field(ge=0.05, le=1.0)] = Field(
         0.5, description="variation: noise level as a fraction of pure noise (angle / (π/2))."
@@ -135,13 +134,18 @@ def _png(data: bytes, field: str) -> Image.Image:
     return img
 
 
-def _pixels(img: Image.Image, card: ModelInfo) -> tuple[np.ndarray, np.ndarray | None]:
-    """-> (colour channels [H, W, C] uint8 matching the model, alpha [H, W] or None)."""
+def _pixels(img: Image.Image, card: ModelInfo, channels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (channels [H, W, C] uint8, alpha [H, W] or None) of a PNG that must have `channels`."""
     gray = {"L": "L", "LA": "LA", "I;16": "L"}
     colour = {"RGB": "RGB", "RGBA": "RGBA", "P": "RGBA"}
-    accepted = gray if card.channels == 1 else colour if card.channels == 3 else {}
+    accepted = gray if channels == 1 else colour if channels == 3 else {}
     if img.mode not in accepted:
-        want = "grayscale (L or LA)" if card.channels == 1 else "RGB or RGBA"
+        want = "grayscale (L or LA)" if channels == 1 else "RGB or RGBA"
+        if channels != card.channels:  # colorize: gray in, colour out
+            raise ApiError(
+                422, f"image: {img.mode} PNG; colorize takes a grayscale (L) image", param="image",
+                code="invalid_image",
+            )  # fmt: skip
         raise ApiError(
             422,
             f"image: {img.mode} PNG, but model {card.name!r} takes {card.channels}-channel images: {want}",
@@ -173,7 +177,12 @@ def build_edit(req: EditRequest, card: ModelInfo, image: bytes | None, mask: byt
     if image is None:
         raise ApiError(422, "image: required", param="image", code="missing_image")
     img = _png(image, "image")
-    pixels, alpha = _pixels(img, card)
+    if req.mode == "colorize" and card.channels != 3:
+        raise ApiError(
+            422, f"mode: colorize needs a colour model; {card.name!r} has {card.channels} channel(s)",
+            param="mode", code="invalid_value",
+        )  # fmt: skip
+    pixels, alpha = _pixels(img, card, 1 if req.mode == "colorize" else card.channels)
     size = card.image_size
     h, w = pixels.shape[:2]
     if req.mode == "superres":
@@ -193,10 +202,12 @@ def build_edit(req: EditRequest, card: ModelInfo, image: bytes | None, mask: byt
             422, f"image: {w}x{h}, the model takes {size}x{size}", param="image", code="invalid_size"
         )
     ref = _to_model(pixels, card)
+    if req.mode in ("variation", "colorize") and mask is not None:
+        raise ApiError(422, f"mask: not used by {req.mode}", param="mask", code="invalid_value")
     if req.mode == "variation":
-        if mask is not None:
-            raise ApiError(422, "mask: not used by variation", param="mask", code="invalid_value")
         return RowEdit("variation", ref=ref, strength=float(req.strength))
+    if req.mode == "colorize":  # the gray level in every channel: its luma is the gray level
+        return RowEdit("colorize", ref=ref.expand(3, -1, -1).clone())
     if mask is not None:
         m = _png(mask, "mask")
         if m.size != img.size:

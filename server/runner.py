@@ -42,6 +42,7 @@ class Slot:
             self.edit.keep.zero_()
             self.edit.patch.zero_()
             self.edit.from_ref.zero_()
+            self.edit.luma.zero_()
             self.times.copy_(schedule[:, None].expand_as(self.times))
         self.dirty = False
 
@@ -185,7 +186,7 @@ class SamplerRunner:
         if times is not None:
             slot.times[:, :n].copy_(times[:, rows], non_blocking=True)
         if edit is not None:
-            for name in ("ref", "keep", "patch", "from_ref"):
+            for name in ("ref", "keep", "patch", "from_ref", "luma"):
                 getattr(slot.edit, name)[:n].copy_(getattr(edit, name)[rows], non_blocking=True)
 
     def run(

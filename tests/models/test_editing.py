@@ -119,6 +119,18 @@ def test_edm_family_edits_too(tmp_path: Path) -> None:
     ]
     x = e.call(e.sample, 2, [0, 1], [1, 2], None, edits)
     assert torch.equal(x[0, :, :, :4], ref[:, :, :4])
+    # colorization keeps the gray input's luma and generates the chroma
+    from models.editing import LUMA
+
+    gray = torch.rand(1, 8, 8) * 1.6 - 0.8
+    col = e.call(
+        e.sample, 2, [2, 2], [3, 4], None, [RowEdit("colorize", ref=gray.expand(3, -1, -1).clone())] * 2
+    )
+    w = LUMA / LUMA.sum()  # BT.601 weights, summing to 1
+    torch.testing.assert_close(
+        (col * w.reshape(1, 3, 1, 1)).sum(1), gray.expand(2, -1, -1), atol=1e-5, rtol=0
+    )
+    assert (col[0] - col[1]).abs().max() > 1e-3  # the chroma is generated (per seed)
     model, info = load_model(path)
     assert strength_times(info, 2, 0.4)[0] == pytest.approx(0.5 * math.tan(0.4 * math.pi / 2), rel=1e-6)
     e.close()

@@ -138,6 +138,7 @@ async def test_an_edit_and_a_generation_share_one_batch(tiny_ckpt: Path) -> None
 
 
 BAD_UPLOADS = [
+    ({"image": DIGIT}, {"mode": "colorize"}, 422, "mode", "colorize needs a colour model"),
     ({"image": b"not a png"}, {}, 422, "image", "not a readable PNG"),
     ({"image": "jpeg"}, {}, 422, "image", "must be a PNG"),
     ({"image": np.zeros((20, 20), np.uint8)}, {}, 422, "image", "20x20, the model takes 28x28"),

@@ -77,6 +77,23 @@ async def test_three_models_served_side_by_side(tiny_ckpt: Path, cm_dirs: dict[s
         r = await c.post("/v1/generate", json={"model": "uncond", "seed": 1})
         assert r.status_code == 200 and _png(r.json()["data"][0]["b64_json"]).shape == (8, 8, 3)
 
+        # a colour model colorizes: the output's luma is the gray input's (to the uint8 step)
+        gray = (np.arange(64).reshape(8, 8) * 3 + 30).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(gray, "L").save(buf, format="PNG")
+        body = {
+            "model": "uncond",
+            "mode": "colorize",
+            "image": base64.b64encode(buf.getvalue()).decode(),
+            "seed": 3,
+        }
+        r = await c.post("/v1/images/edits", json=body)
+        assert r.status_code == 200, r.text
+        rgb = _png(r.json()["data"][0]["b64_json"]).astype(float)
+        luma = rgb @ np.array([0.299, 0.587, 0.114])
+        unclipped = ((rgb > 0) & (rgb < 255)).all(-1)
+        assert unclipped.sum() > 16 and np.abs(luma - gray)[unclipped].max() <= 1.0
+
         # the OpenAI route picks the model by its id too, and reads the class from the prompt
         r = await c.post("/v1/images/generations", json={"model": "cd", "prompt": "fox", "seed": 3})
         assert r.status_code == 200 and r.json()["data"][0]["revised_prompt"] == "fox"
@@ -86,7 +103,7 @@ async def test_three_models_served_side_by_side(tiny_ckpt: Path, cm_dirs: dict[s
             assert sample_sum(metrics, "cmserve_model_memory_bytes", model=name, part="weights") > 1000
             assert sample_sum(metrics, "cmserve_model_info", model=name, family=family) == 1
         assert 'cmserve_images_generated_total{model="cd"} 3.0' in metrics
-        assert 'cmserve_batch_compute_seconds_count{model="uncond",steps="2"} 1.0' in metrics
+        assert 'cmserve_batch_compute_seconds_count{model="uncond",steps="2"} 2.0' in metrics
         assert 'cmserve_runner_executions_total{mode="eager",model="cd"}' in metrics
 
 
