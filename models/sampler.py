@@ -66,3 +66,45 @@ def ode_sample(
         t, s = times[i], times[i + 1]
         x = ddim_step(x, velocity(x, t.expand(B), labels), t, s)
     return x
+
+
+# Step-level (continuous) batching: one network evaluation advances every row by one step of its
+# own schedule, so rows at different steps of different schedules share it. Per row the arithmetic
+# is exactly the request-level samplers' (the same ops on the same values; torch.where only
+# selects), so an image does not depend on which rows it shared evaluations with.
+
+
+def consistency_step(
+    model: ConsistencyModel,
+    x0_prev: torch.Tensor,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    first: torch.Tensor,
+    labels: torch.Tensor,
+    constraint: Constraint,
+) -> torch.Tensor:
+    """One step of `consistency_sample` for every row. x0_prev: [B, C, H, W] each row's last
+    estimate (ignored on its first step); z: [B, C, H, W] its noise for this step; t: [B] its time
+    for this step; first: [B] bool, its first step. -> the new estimates [B, C, H, W]."""
+    shape = (-1, *([1] * (z.dim() - 1)))
+    from_ref = constraint.from_ref.reshape(shape) > 0
+    x_first = torch.where(from_ref, model.renoise(constraint.ref, z, t), model.start(z, t))
+    x = torch.where(first.reshape(shape), x_first, model.renoise(x0_prev, z, t))
+    return constraint.project(model.denoise(x, t, labels))
+
+
+def ode_step(
+    velocity: Denoiser,
+    x_prev: torch.Tensor,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    first: torch.Tensor,
+    labels: torch.Tensor,
+    sigma_d: float,
+) -> torch.Tensor:
+    """One step of `ode_sample` for every row: from its time t to its next time s ([B] each);
+    a row on its first step starts from sin(t)·σ_d·z instead of x_prev. -> x at s [B, C, H, W]."""
+    shape = (-1, *([1] * (z.dim() - 1)))
+    x = torch.where(first.reshape(shape), (torch.sin(t) * sigma_d).reshape(shape) * z, x_prev)
+    return ddim_step(x, velocity(x, t, labels), t, s)

@@ -35,6 +35,7 @@ from server.schemas import (
     ModelList,
 )
 from server.settings import Settings
+from server.step_batcher import StepBatcher
 
 log = logging.getLogger("cmserve.app")
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
@@ -328,7 +329,7 @@ async def _start(st: ServerState) -> None:
             st.engine = await asyncio.to_thread(Engine, st.settings, st.metrics)
         engine = st.engine
         seconds = await asyncio.to_thread(engine.warmup)
-        log.info("warm-up of %d (bucket, steps) slots took %.1f s", len(engine.runner.slots), seconds)
+        log.info("warm-up of %d model(s) took %.1f s", len(engine.models), seconds)
         s = st.settings
         limits = {
             name: s.max_batch_size or await asyncio.to_thread(engine.auto_max_batch, name)
@@ -336,16 +337,30 @@ async def _start(st: ServerState) -> None:
         }
         max_batch = limits[engine.default]
         st.metrics.max_batch.set(max_batch)
-        st.batcher = Batcher(
-            engine.run_batch,
-            st.metrics,
-            max_batch_size=max_batch,
-            model_max_batch=limits,
-            max_queue_images=s.max_queue_images,
-            max_wait_s=s.max_wait_ms / 1000.0,
-            executor=engine.executor,
-        )
-        st.batcher.start()
+        batcher: Batcher
+        if s.batching == "step":
+            batcher = StepBatcher(
+                engine.step_rows,
+                engine.step,
+                engine.clear_steps,
+                st.metrics,
+                max_batch_size=max_batch,
+                model_max_batch=limits,
+                max_queue_images=s.max_queue_images,
+                executor=engine.executor,
+            )
+        else:
+            batcher = Batcher(
+                engine.run_batch,
+                st.metrics,
+                max_batch_size=max_batch,
+                model_max_batch=limits,
+                max_queue_images=s.max_queue_images,
+                max_wait_s=s.max_wait_ms / 1000.0,
+                executor=engine.executor,
+            )
+        st.batcher = batcher
+        batcher.start()
         st.ready = True
         st.metrics.ready.set(1)
     except Exception as e:

@@ -32,6 +32,7 @@ from models.placeholder import build_placeholder
 from server.metrics import Metrics
 from server.runner import SamplerRunner
 from server.settings import Settings
+from server.step_runner import Finished, StepRow, StepRunner
 
 log = logging.getLogger("cmserve.engine")
 T = TypeVar("T")
@@ -60,6 +61,7 @@ class ServedModel:
     placeholder: bool
     weights_bytes: int
     graph_bytes: int = 0
+    stepper: StepRunner | None = None  # with --batching step: the per-evaluation runner
 
     @property
     def name(self) -> str:
@@ -129,7 +131,12 @@ class Engine:
                 metrics=self.metrics,
             )
             weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
-            self.models[card.name] = ServedModel(card, model, runner, placeholder, weights)
+            stepper = None
+            if settings.batching == "step":
+                stepper = StepRunner(
+                    model, card, settings.buckets, self.device, use_graphs=use_graphs, metrics=self.metrics
+                )
+            self.models[card.name] = ServedModel(card, model, runner, placeholder, weights, stepper=stepper)
             self.metrics.model_memory.labels(card.name, "weights").set(weights)
             self.metrics.images.labels(card.name)  # every series exported at 0 from the start
             self.metrics.batch_size.labels(card.name)
@@ -171,7 +178,10 @@ class Engine:
         t0 = time.perf_counter()
         for m in self.models.values():
             before = m.runner.reserved_bytes()
-            self.call(m.runner.warmup, m.card.steps)
+            if m.stepper is not None:
+                self.call(m.stepper.warmup)
+            else:
+                self.call(m.runner.warmup, m.card.steps)
             m.graph_bytes = m.runner.reserved_bytes() - before
             self.metrics.model_memory.labels(m.name, "graphs").set(m.graph_bytes)
         seconds = time.perf_counter() - t0
@@ -188,7 +198,8 @@ class Engine:
         compute thread."""
         m = self.get(name)
         steps = m.card.steps_default
-        secs = self.call(m.runner.time_buckets, steps)
+        # step mode: one evaluation per bucket (what a step-mode batch is)
+        secs = self.call(m.stepper.time_buckets) if m.stepper else self.call(m.runner.time_buckets, steps)
         rate = {b: b / s for b, s in secs.items()}
         best = max(rate.values())
         chosen = min(b for b, r in rate.items() if r >= (1 - tolerance) * best)
@@ -254,3 +265,47 @@ class Engine:
         if not torch.isfinite(x).all():
             raise NonFiniteOutput("sampler output holds non-finite values")
         return self.get(model).card.to_uint8(x)
+
+    # ---- step-level batching (server/step_runner.py) ---------------------------------------
+    def step_rows(
+        self,
+        model: str,
+        steps: int,
+        labels: list[int | None],
+        seeds: list[int],
+        keys: list[Any],
+        edits: list[RowEdit | None] | None = None,
+    ) -> list[StepRow]:
+        """A request's images as rows for the step runner: each its own noise (the request
+        path's, so the images match) and schedule. On the compute thread (torch ops)."""
+        m = self.get(model)
+        noise = self.make_noise(steps, seeds, model, edits)
+        sched = list(m.card.schedules[steps])
+        _, times = batch_constraint(m.card, steps, edits) if edits else (None, None)
+        evals = steps if m.card.kind == "consistency" else len(sched) - 1
+        return [
+            StepRow(
+                key=keys[k],
+                label=m.card.pad_label if lab is None else lab,
+                noise=noise[:, k],
+                times=sched if times is None else times[:, k].tolist(),
+                evals=evals,
+                edit=edits[k] if edits else None,
+            )
+            for k, lab in enumerate(labels)
+        ]
+
+    def step(self, model: str, joining: list[StepRow], drop: set[Any]) -> tuple[list[Finished], int]:
+        """One evaluation of `model`'s rows in flight, `joining` admitted first and the rows in
+        `drop` let go. -> (the rows it finished, rows evaluated)."""
+        stepper = self.get(model).stepper
+        assert stepper is not None, "not started with --batching step"
+        if drop:
+            stepper.drop(drop)
+        return stepper.advance(joining)
+
+    def clear_steps(self, model: str) -> None:
+        """Forget every row in flight of `model` (after a failed evaluation)."""
+        stepper = self.get(model).stepper
+        if stepper is not None:
+            stepper.clear()

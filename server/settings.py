@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         description="Most images the batcher puts in one batch; 0 = auto: the smallest bucket whose "
         "images/s, timed at warm-up, is within 5 percent of the best bucket's.",
     )
+    batching: Literal["request", "step"] = Field(
+        "request",
+        description="'request': a batch is a set of whole requests of one step count; 'step': "
+        "requests join and leave at every network evaluation, rows at different steps share it "
+        "(docs/performance.md compares them).",
+    )
     max_wait_ms: float = Field(
         0.0, ge=0, description="Extra wait for a fuller batch; 0 = dispatch as soon as the worker is idle."
     )

@@ -1,0 +1,227 @@
+"""Step-level (continuous) batching for one model: every call advances each row in flight by one
+network evaluation of its own schedule; finished rows leave and new rows join at the next call.
+
+Buffers are per model, `capacity` rows each (the largest bucket): each row's state (the last x0
+estimate, or the ODE's x), its noise for the step at hand, its time (and next time, for the ODE),
+whether it is on its first step, its label and its edit constraint. Rows in flight are kept
+compact in rows 0..n-1 (a finished row's place is taken by the last row), and one evaluation
+runs the smallest bucket b >= n over rows 0..b-1: one CUDA graph per bucket, whatever the mix
+of step counts, schedules and step indices, because all of it is data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.editing import Constraint, RowEdit, batch_constraint
+from models.interface import ConsistencyModel, ModelInfo
+from models.sampler import consistency_step, ode_step
+from server.metrics import Metrics
+
+
+@dataclass
+class StepRow:
+    """One image in flight. noise: [S, C, H, W] (CPU); times: its schedule (S times, or the ODE's
+    steps + 1 ending at 0)."""
+
+    key: Any  # the caller's handle, returned with the image
+    label: int
+    noise: torch.Tensor
+    times: list[float]
+    evals: int  # network evaluations it needs: its step count
+    edit: RowEdit | None = None
+    i: int = 0  # the step it is on
+    pos: int = -1  # its row in the buffers
+
+
+@dataclass
+class StepSlot:
+    bucket: int
+    fn: Callable[[], None]
+    graph: Any = None
+
+
+@dataclass
+class Finished:
+    key: Any
+    image: np.ndarray  # uint8 [H, W, C]
+    finite: bool  # False: the sampler's output held NaN or inf (the image is not served)
+
+
+class StepRunner:
+    def __init__(
+        self,
+        model: ConsistencyModel,
+        card: ModelInfo,
+        buckets: list[int],
+        device: torch.device,
+        *,
+        use_graphs: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.model, self.card, self.device = model, card, device
+        self.buckets = sorted(buckets)
+        self.capacity = self.buckets[-1]
+        self.use_graphs = use_graphs
+        self.metrics = metrics or Metrics()
+        self.ode = card.kind != "consistency"
+        shape = (card.channels, card.image_size, card.image_size)
+        self.image_shape = shape
+        cap, dev = self.capacity, device
+        self.state = torch.zeros((cap, *shape), device=dev)
+        self.z = torch.zeros((cap, *shape), device=dev)
+        self.t = torch.ones((cap,), device=dev)
+        self.s = torch.zeros((cap,), device=dev)
+        self.first = torch.ones((cap,), dtype=torch.bool, device=dev)
+        self.labels = torch.full((cap,), card.pad_label, dtype=torch.long, device=dev)
+        self.edit = Constraint.empty(cap, shape, dev)
+        self.out = torch.zeros((cap, *shape), device=dev)
+        self.rows: list[StepRow] = []
+        self.slots: dict[int, StepSlot] = {}
+        self.capture_s = 0.0
+
+    def _make_slot(self, b: int) -> StepSlot:
+        model, ode = self.model, self.ode
+        state, z, t, s, first, labels, out = (
+            self.state[:b], self.z[:b], self.t[:b], self.s[:b], self.first[:b], self.labels[:b], self.out[:b]
+        )  # fmt: skip
+        e = self.edit
+        edit = Constraint(e.ref[:b], e.keep[:b], e.patch[:b], e.from_ref[:b], e.luma[:b], e.patches)
+
+        @torch.inference_mode()
+        def fn() -> None:
+            if ode:
+                velocity, sigma_d = model.velocity, model.sigma_d  # type: ignore[attr-defined]
+                out.copy_(ode_step(velocity, state, z, t, s, first, labels, sigma_d))
+            else:
+                out.copy_(consistency_step(model, state, z, t, first, labels, edit))
+            state.copy_(out)
+
+        return StepSlot(b, fn)
+
+    def warmup(self) -> None:
+        """Build every bucket's evaluation, run it once, and on CUDA capture it (largest first)."""
+        t0 = time.perf_counter()
+        pool = None
+        if self.use_graphs:
+            from server import cuda_graphs
+
+            pool = cuda_graphs.new_pool()
+        for b in reversed(self.buckets):
+            slot = self._make_slot(b)
+            if self.use_graphs:
+                from server import cuda_graphs
+
+                slot.graph = cuda_graphs.capture(slot.fn, pool)
+            else:
+                slot.fn()
+            self.slots[b] = slot
+        self.capture_s = time.perf_counter() - t0
+
+    def reserved_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        from server import cuda_graphs
+
+        return cuda_graphs.reserved_bytes(self.device)
+
+    def time_buckets(self, rounds: int = 3) -> dict[int, float]:
+        """Seconds per evaluation of each bucket (the best of `rounds`)."""
+        best = {b: float("inf") for b in self.buckets}
+        for _ in range(rounds):
+            for b in self.buckets:
+                t0 = time.perf_counter()
+                self._replay(self.slots[b])
+                self.out[:1].cpu()
+                best[b] = min(best[b], time.perf_counter() - t0)
+        return best
+
+    @staticmethod
+    def _replay(slot: StepSlot) -> None:
+        if slot.graph is not None:
+            slot.graph.replay()
+        else:
+            slot.fn()
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.rows)
+
+    def _place(self, row: StepRow, pos: int) -> None:
+        """Write a joining row's per-row constants (label, constraint) at `pos`."""
+        row.pos = pos
+        self.labels[pos] = row.label
+        c = None
+        if row.edit is not None and row.edit.mode != "interpolate":
+            c, _ = batch_constraint(self.card, row.evals, [row.edit])
+        for name in ("ref", "keep", "patch", "from_ref", "luma"):
+            buf = getattr(self.edit, name)
+            if c is None:
+                buf[pos].zero_()
+            else:
+                buf[pos].copy_(getattr(c, name)[0])
+
+    def _move(self, src: int, dst: int) -> None:
+        """Row `src`'s buffers into row `dst` (compaction)."""
+        edit = (getattr(self.edit, n) for n in ("ref", "keep", "patch", "from_ref", "luma"))
+        for buf in (self.state, self.labels, *edit):
+            buf[dst].copy_(buf[src])
+
+    def _remove(self, row: StepRow) -> None:
+        last = self.rows[-1]
+        if last is not row:
+            self._move(last.pos, row.pos)
+            last.pos = row.pos
+            self.rows[row.pos] = last
+        self.rows.pop()
+
+    def drop(self, keys: set[Any]) -> None:
+        """Rows whose result nobody waits for any more leave without finishing."""
+        for row in [r for r in self.rows if r.key in keys]:
+            self._remove(row)
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+    def advance(self, joining: list[StepRow]) -> tuple[list[Finished], int]:
+        """Admit `joining` (at most `free` rows), run one evaluation over every row in flight,
+        -> (the rows that finished with it, rows evaluated)."""
+        if len(joining) > self.free:
+            raise ValueError(f"{len(joining)} rows joining, {self.free} free")
+        for row in joining:
+            self._place(row, len(self.rows))
+            self.rows.append(row)
+        n = len(self.rows)
+        if n == 0:
+            return [], 0
+        # this step's noise and times of every row, in one host->device copy each
+        z = torch.stack([r.noise[0 if self.ode else r.i] for r in self.rows])
+        self.z[:n].copy_(z, non_blocking=True)
+        self.t[:n].copy_(torch.tensor([r.times[r.i] for r in self.rows]), non_blocking=True)
+        if self.ode:
+            self.s[:n].copy_(torch.tensor([r.times[r.i + 1] for r in self.rows]), non_blocking=True)
+        self.first[:n].copy_(torch.tensor([r.i == 0 for r in self.rows]), non_blocking=True)
+        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        self._replay(self.slots[b])
+        mode = "eager" if self.slots[b].graph is None else "graph"
+        self.metrics.runner_runs.labels(self.card.name, mode).inc()
+        self.metrics.padded_rows.labels(self.card.name).inc(b - n)
+        self.metrics.computed_rows.labels(self.card.name).inc(b)
+        done = [r for r in self.rows if r.i + 1 == r.evals]
+        finished = []
+        if done:
+            x = self.out[torch.tensor([r.pos for r in done], device=self.device)].float().cpu()
+            images, finite = self.card.to_uint8(x), torch.isfinite(x).flatten(1).all(1).tolist()
+            finished = [Finished(r.key, images[k], finite[k]) for k, r in enumerate(done)]
+        for r in self.rows:
+            r.i += 1
+        for r in done:
+            self._remove(r)
+        return finished, n

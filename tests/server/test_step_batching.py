@@ -1,0 +1,95 @@
+"""Step-level batching: requests join and leave at every evaluation, and every image is the
+same PNG, byte for byte, as request-level batching gives for the same model, steps, seed and
+class, whatever it shared evaluations with."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.settings import Settings
+from tests.server.helpers import app_client
+from tests.server.test_edits import DIGIT, MASK, decode, png
+
+TEACHER = Path(__file__).resolve().parents[2] / "models" / "weights" / "teacher-mnist.json"
+
+
+def _settings(ckpt: Path, batching: str) -> Settings:
+    return Settings(
+        models=[f"cm={ckpt}", f"teacher={TEACHER}"], buckets=[1, 2, 4, 8], max_batch_size=8, batching=batching
+    )  # type: ignore[arg-type]
+
+
+def _requests() -> list[dict[str, Any]]:
+    rng = random.Random(0)
+    reqs: list[dict[str, Any]] = []
+    for i in range(24):
+        if i % 8 == 5:
+            reqs.append({"model": "teacher", "steps": 32, "seed": 1000 + i, "class_label": i % 10})
+        else:
+            reqs.append({"model": "cm", "steps": rng.choice([1, 2, 3, 4]), "n": rng.choice([1, 2, 3]),
+                         "seed": 10 * i, "class_label": rng.choice([None, 1, 7])})  # fmt: skip
+    return reqs
+
+
+async def _images(c: Any, reqs: list[dict[str, Any]], together: bool) -> list[list[bytes]]:
+    async def one(body: dict[str, Any]) -> list[bytes]:
+        r = await c.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        return [d["b64_json"].encode() for d in r.json()["data"]]
+
+    if together:
+        return list(await asyncio.gather(*(one(b) for b in reqs)))
+    return [await one(b) for b in reqs]
+
+
+async def test_step_batching_gives_request_batchings_images(tiny_ckpt: Path) -> None:
+    reqs = _requests()
+    async with app_client(_settings(tiny_ckpt, "request")) as (c, _):
+        want = await _images(c, reqs, together=False)
+    async with app_client(_settings(tiny_ckpt, "step")) as (c, app):
+        got = await _images(c, reqs, together=True)  # mixed: steps 1-4 and the teacher's 32
+        batcher = app.state.cm.batcher
+        assert batcher.batches_run < sum(b.get("steps", 2) * b.get("n", 1) for b in reqs)  # rows shared
+        metrics = (await c.get("/metrics")).text
+    assert got == want
+    # both networks had their turns, and evaluations mixed rows of different step counts
+    assert 'cmserve_batch_compute_seconds_count{model="teacher",steps="step"}' in metrics
+    assert 'cmserve_batch_compute_seconds_count{model="cm",steps="step"}' in metrics
+
+
+async def test_short_requests_pass_a_long_one(tiny_ckpt: Path) -> None:
+    """A 32-step teacher request sent first does not hold the compute thread: 2-step requests sent
+    after it finish before it."""
+    async with app_client(_settings(tiny_ckpt, "step")) as (c, _):
+        done: list[str] = []
+
+        async def one(name: str, body: dict[str, Any]) -> None:
+            r = await c.post("/v1/generate", json=body)
+            assert r.status_code == 200
+            done.append(name)
+
+        long = asyncio.create_task(one("teacher", {"model": "teacher", "steps": 32, "seed": 1}))
+        await asyncio.sleep(0.02)
+        await asyncio.gather(*(one(f"cm{i}", {"model": "cm", "steps": 2, "seed": i}) for i in range(3)), long)
+        assert done[-1] == "teacher", done
+
+
+async def test_edits_and_disconnects_in_step_mode(tiny_ckpt: Path) -> None:
+    async with app_client(_settings(tiny_ckpt, "step")) as (c, app):
+        files = {"image": ("d.png", png(DIGIT), "image/png"), "mask": ("m.png", png(MASK), "image/png")}
+        r = await c.post("/v1/images/edits", files=files, data={"seed": "3", "steps": "2", "n": "2"})
+        assert r.status_code == 200, r.text
+        for d in r.json()["data"]:
+            assert np.array_equal(decode(d["b64_json"])[14:], DIGIT[14:])
+        r = await c.post("/v1/images/interpolations", json={"seed": 3, "seed_b": 4, "frames": 3})
+        assert r.status_code == 200
+        # a request whose deadline passes mid-flight gets its 504 and its rows leave
+        r = await c.post("/v1/generate", json={"model": "teacher", "steps": 32, "timeout_s": 0.05})
+        assert r.status_code == 504
+        await asyncio.sleep(0.3)
+        assert app.state.cm.batcher.snapshot()["rows_in_flight"].get("teacher", 0) == 0
