@@ -1,6 +1,7 @@
 """`cmserve bench sampler|server|frontend|threads|kernels`: the server against its limit and its peers.
 
 sampler  the raw sampler, no HTTP (bench/sampler.py)
+batching request- against step-level batching on mixed workloads (bench/batching.py)
 frontend requests/s per front-end core with a stub model, against the peers (bench/frontend.py)
 server   real servers under open-loop load, swept past saturation, against LitServe and a plain
          FastAPI endpoint (bench/load.py)
@@ -84,6 +85,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--peers", default="litserve,plain")
     f.add_argument("--quick", action="store_true")
     f.add_argument("--json", default="")
+    b = sub.add_parser("batching", help="request- vs step-level batching on mixed workloads")
+    b.add_argument("--checkpoint", default="", help="the consistency model (default: the shipped one)")
+    b.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="the 32-step teacher served beside it")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--loads", default="0.5,0.7,0.9", help="arrival rates as fractions of saturation")
+    b.add_argument("--duration", type=float, default=20.0, help="seconds per rate and mode")
+    b.add_argument("--max-batch-size", type=int, default=0, help="both servers' (0: each picks its own)")
+    b.add_argument("--quick", action="store_true", help="tiny model, one workload, short runs")
+    b.add_argument("--json", default="")
     k = sub.add_parser("kernels", help="Triton kernels vs torch (CUDA only)")
     k.add_argument("--quick", action="store_true")
     k.add_argument("--json", default="")
@@ -131,6 +141,14 @@ def main(args: argparse.Namespace) -> None:
         }
     elif args.what == "sampler":
         result = run_sampler(args)
+    elif args.what == "batching":
+        from bench.batching import bench_batching
+        from bench.batching import markdown as batching_markdown
+
+        if args.quick:
+            args.loads, args.duration = "0.5", 2.0
+        result = {"machine": machine(), **bench_batching(args)}
+        print(batching_markdown(result))
     elif args.what == "frontend":
         from bench.frontend import bench_frontend
         from bench.frontend import markdown as frontend_markdown

@@ -104,6 +104,7 @@ class RunResult:
     statuses: dict[int, int] = field(default_factory=dict)
     images_ok: int = 0
     wall_s: float = 0.0
+    by_class: dict[str, list[float]] = field(default_factory=dict)  # 2xx latencies per request class
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ok)
@@ -146,19 +147,22 @@ async def open_loop(
     path: str = "/v1/generate",
     timeout: float = 60.0,
 ) -> RunResult:
-    """Send Poisson arrivals at `rate` req/s for `duration_s`; wait for every answer."""
+    """Send Poisson arrivals at `rate` req/s for `duration_s`; wait for every answer.
+    body_fn(rng) -> (body, images) or (body, images, class): a class files the latency under it."""
     rng = random.Random(seed)
     body_fn = body_fn or (lambda r: (make_body(r), 1))
     client = RawHTTP(host, port)
     res = RunResult(rate, duration_s)
     tasks: list[asyncio.Task[None]] = []
 
-    async def one(t_sched: float, body: bytes, n: int) -> None:
+    async def one(t_sched: float, body: bytes, n: int, cls: str | None) -> None:
         status, _ = await client.post(path, body, timeout)
         res.statuses[status] = res.statuses.get(status, 0) + 1
         if 200 <= status < 300:
             res.latencies_ok.append(time.perf_counter() - t_sched)
             res.images_ok += n
+            if cls is not None:
+                res.by_class.setdefault(cls, []).append(res.latencies_ok[-1])
 
     t0 = time.perf_counter()
     t = 0.0
@@ -169,8 +173,8 @@ async def open_loop(
         delay = t0 + t - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        body, n = body_fn(rng)
-        tasks.append(asyncio.create_task(one(t0 + t, body, n)))
+        body, n, *cls = body_fn(rng)
+        tasks.append(asyncio.create_task(one(t0 + t, body, n, cls[0] if cls else None)))
         res.sent += 1
     await asyncio.gather(*tasks)
     res.wall_s = time.perf_counter() - t0
@@ -202,10 +206,13 @@ async def concurrent_loop(
     seed: int = 0,
     path: str = "/v1/generate",
     n: int = 1,
+    body_fn: Any = None,
 ) -> RunResult:
     """`concurrency` clients, each sending its next request as soon as its last is answered, for
-    `duration_s`: the most the server sustains (a throughput ceiling, not a latency figure)."""
+    `duration_s`: the most the server sustains (a throughput ceiling, not a latency figure).
+    body_fn(rng) -> (body, images, ...) as for `open_loop`; default n-image generate bodies."""
     rng = random.Random(seed)
+    body_fn = body_fn or (lambda r: (make_body(r, n=n), n))
     client = RawHTTP(host, port)
     res = RunResult(0.0, duration_s)
     t0 = time.perf_counter()
@@ -214,12 +221,13 @@ async def concurrent_loop(
     async def worker() -> None:
         while time.perf_counter() < end:
             t = time.perf_counter()
-            status, _ = await client.post(path, make_body(rng, n=n))
+            body, k, *_ = body_fn(rng)
+            status, _ = await client.post(path, body)
             res.sent += 1
             res.statuses[status] = res.statuses.get(status, 0) + 1
             if 200 <= status < 300:
                 res.latencies_ok.append(time.perf_counter() - t)
-                res.images_ok += n
+                res.images_ok += k
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     res.wall_s = time.perf_counter() - t0

@@ -184,6 +184,7 @@ class StepBatcher(Batcher):
             self._in_flight[model] -= 1
             if not row.finite:
                 self._forget(f)
+                log.error("%s: image %d of request %s came out non-finite", model, i, job.request_id)
                 self.metrics.batch_failures.labels("nonfinite").inc()
                 if not job.future.done():
                     job.future.set_exception(BatchFailed("nonfinite", [job.request_id]))

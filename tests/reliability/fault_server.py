@@ -33,7 +33,25 @@ def faulty_sample(self, steps, labels, seeds, model=None, edits=None):  # type: 
     return x
 
 
+_orig_step = engine_mod.Engine.step
+
+
+def faulty_step(self, model, joining, drop):  # type: ignore[no-untyped-def]
+    """The same faults under --batching step: rows know their request (key = (job, image))."""
+    if _slow_s:
+        time.sleep(_slow_s)
+    if any(job.seeds[i] == 666 for job, i in (r.key for r in joining)):
+        raise RuntimeError("injected fault: internal detail that must not leak")
+    finished, n = _orig_step(self, model, joining, drop)
+    for f in finished:
+        job, i = f.key
+        if job.seeds[i] == 777:
+            f.finite = False  # as if the output held a NaN: the batcher must catch it
+    return finished, n
+
+
 engine_mod.Engine.run_batch = faulty_run_batch  # type: ignore[method-assign]
+engine_mod.Engine.step = faulty_step  # type: ignore[method-assign]
 engine_mod.Engine.sample = faulty_sample  # type: ignore[method-assign]
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def _send_and_hang_up(url: str, body: bytes, after_s: float) -> None:
         time.sleep(after_s)
 
 
-def test_deadlines_and_disconnects_cost_no_compute(tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_deadlines_and_disconnects_cost_no_compute(tiny_ckpt: Path, tmp_path: Path, batching: str) -> None:
     """One slow batch holds the worker; requests queued behind it either expire (504) or are
     abandoned by their clients: none of them reaches the sampler."""
     env = {"FAULT_SLOW_MS": "4000"}
@@ -78,7 +78,9 @@ def test_deadlines_and_disconnects_cost_no_compute(tiny_ckpt: Path, tmp_path: Pa
             assert [f.result().status_code for f in exp] == [504] * 8
             assert blocker.result().status_code == 200
         time.sleep(1)  # the worker runs its next loop and drops what is left
-        assert sp.metric("cmserve_batch_size_images_sum") - rows_before == 1  # only the blocker computed
+        # only the blocker computed: one batch of one image, or (step mode) two 1-row evaluations
+        computed = sp.metric("cmserve_batch_size_images_sum") - rows_before
+        assert computed == (1 if batching == "request" else 2)
         assert sp.metric("cmserve_rejected_total", reason="deadline") == 8
         assert sp.metric("cmserve_rejected_total", reason="disconnected") == 16
         # a header deadline works too
