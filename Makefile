@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 
-.PHONY: serve test test-fast lint bench loadtest gpu-check gpu-wheels train eval eval-edits fuzz soak ops-tools clean
+.PHONY: serve test test-fast lint bench bench-batching loadtest gpu-check gpu-wheels train eval eval-edits fuzz soak ops-tools clean
 
 # torch is pinned here (not in pyproject) to the CPU wheel on this machine's disk: an unpinned
 # torch would pull a multi-GB CUDA build. On a GPU machine install the CUDA torch first.
@@ -58,6 +58,10 @@ eval-edits: $(VENV)/.test
 bench: $(VENV)/.test
 	$(VENV)/bin/cmserve bench sampler --json docs/bench_sampler.json
 	$(VENV)/bin/cmserve bench server --json docs/bench_server.json --plot docs/latency_vs_throughput.png
+
+# request- vs step-level batching on mixed workloads (docs/performance.md)
+bench-batching: $(VENV)/.test
+	$(VENV)/bin/cmserve bench batching --json docs/bench_batching.json
 
 loadtest: $(VENV)/.test
 	deploy/locust/run.sh

@@ -98,7 +98,10 @@ def bench_batching(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for workload in WORKLOADS if not args.quick else ["2-step + 10% 32-step"]:
             procs["step"].pause()
+            procs["request"].resume()
             sat = saturation(procs["request"], workload, args.duration)
+            if sat <= 0:
+                raise RuntimeError(f"{workload}: the request-mode server answered nothing")
             rows = []
             for frac in loads:
                 for mode in ("request", "step"):

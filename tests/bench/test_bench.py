@@ -119,3 +119,12 @@ def test_frontend_bench_quick(tmp_path: Path) -> None:
             name,
             s,
         )
+
+
+def test_batching_bench_quick(tmp_path: Path) -> None:
+    r = _bench("batching", tmp=tmp_path)
+    (w,) = r["workloads"].values()
+    assert w["saturation_rps"] > 0 and [row["mode"] for row in w["rows"]] == ["request", "step"]
+    for row in w["rows"]:
+        assert row["errors"] == 0 and row["ok"] == row["sent"] > 0
+        assert row["2-step"]["n"] + row.get("32-step", {"n": 0})["n"] == row["ok"]
