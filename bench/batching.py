@@ -89,6 +89,8 @@ def bench_batching(args: argparse.Namespace) -> dict[str, Any]:
             "--default-timeout-s", "600"]  # fmt: skip
     if args.max_batch_size:
         base += ["--max-batch-size", str(args.max_batch_size)]
+    if args.quick:  # small buckets: the teacher's 32-step warm-up and batch timing stay short
+        base += ["--buckets", "1,2,4,8", *([] if args.max_batch_size else ["--max-batch-size", "8"])]
     loads = [float(x) for x in args.loads.split(",")]
     procs = {
         mode: Proc([*base, "--batching", mode], "/readyz", tmp / f"{mode}.log")

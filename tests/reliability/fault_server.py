@@ -2,7 +2,8 @@
 tests:  python -m tests.reliability.fault_server <serve flags...>
 
 A batch holding seed 666 raises; one holding seed 777 returns NaNs. FAULT_SLOW_MS (env) adds
-that many milliseconds to every batch, so tests can keep requests queued and in flight.
+that many milliseconds to every batch (with --batching step, to every evaluation), so tests can
+keep requests queued and in flight.
 """
 
 from __future__ import annotations

@@ -73,6 +73,11 @@ def test_sigterm_drains_queued_and_running_requests(
         for t in threads:
             t.start()
         time.sleep(2.0)
+        # the first answers come after one batch (request mode) or one evaluation per step (step
+        # mode: 2 x slow_ms for these 2-step requests)
+        deadline = time.monotonic() + 8
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.05)
         before = len(outcomes)
         t_term = time.monotonic()
         sp.proc.send_signal(signal.SIGTERM)
