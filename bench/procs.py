@@ -41,8 +41,12 @@ def sample_sum(text: str, name: str, **labels: str) -> float | None:
 
 
 def histogram_buckets(text: str, name: str, **labels: str) -> dict[float, float]:
-    """{upper bound: cumulative count} of histogram `name` (without `_bucket`)."""
-    return {float(lab["le"]): v for lab, v in samples(text, f"{name}_bucket", **labels)}
+    """{upper bound: cumulative count} of histogram `name` (without `_bucket`), summed over the
+    series whose labels include `labels` (e.g. every status class of a route)."""
+    out: dict[float, float] = {}
+    for lab, v in samples(text, f"{name}_bucket", **labels):
+        out[float(lab["le"])] = out.get(float(lab["le"]), 0.0) + v
+    return out
 
 
 class Proc:

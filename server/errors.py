@@ -130,7 +130,8 @@ class EdgeMiddleware:
                 await resp(scope, receive, send_wrapped)
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()
-            self.metrics.request_latency.labels(route).observe(time.perf_counter() - t0)
+            status_class = f"{status['code'] // 100}xx"
+            self.metrics.request_latency.labels(route, status_class).observe(time.perf_counter() - t0)
 
 
 class BodyTooLarge(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -52,7 +53,23 @@ def test_real_process_serves_and_metrics_move(tiny_ckpt: Path, tmp_path: Path) -
         )
         assert computed == _sample(after, "cmserve_batch_size_images_count") == 6
         # buckets are dense from 1 ms: the 1 ms bucket exists, so histogram_quantile can resolve it
-        assert 'cmserve_request_duration_seconds_bucket{le="0.001",route="/v1/generate"}' in after
+        bucket = 'cmserve_request_duration_seconds_bucket{le="0.001",route="/v1/generate",status_class="2xx"}'
+        assert bucket in after
+        # status classes apart: the 422 is not among the served requests' latencies
+        assert (
+            _sample(after, "cmserve_request_duration_seconds_count", route="/v1/generate", status_class="2xx")
+            == 6
+        )
+        assert (
+            _sample(after, "cmserve_request_duration_seconds_count", route="/v1/generate", status_class="4xx")
+            == 1
+        )
+        # process metrics, the build, nothing of `_created`, and a finite bucket for the longest deadline
+        assert (
+            _sample(after, "process_resident_memory_bytes") > 10e6 and _sample(after, "process_open_fds") > 0
+        )
+        assert _sample(after, "cmserve_build_info", version=version("cmserve")) == 1
+        assert "_created" not in after and 'le="120.0"' in after
         assert _sample(after, "cmserve_queue_depth_images") == 0
         assert _sample(after, "cmserve_inflight_requests") == 0
 
