@@ -77,7 +77,11 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     )
     app.state.cm = st
     app.add_middleware(
-        EdgeMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, draining=lambda: st.draining
+        EdgeMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        draining=lambda: st.draining,
+        access_log=settings.access_log,
     )
     if settings.cors_origins:
         app.add_middleware(
@@ -363,6 +367,10 @@ async def _start(st: ServerState) -> None:
         batcher.start()
         st.ready = True
         st.metrics.ready.set(1)
+        log.info(
+            "ready: /readyz answers 200; serving %s (default %s), %s batching, max batch %s",
+            ", ".join(engine.models), engine.default, s.batching, limits,
+        )  # fmt: skip
     except Exception as e:
         st.load_error = f"{type(e).__name__}: {e}"
         log.exception("start-up failed")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -70,12 +69,13 @@ def _check_ports_free(s: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from models.checkpoint import CheckpointError
+    from server import logs
     from server.app import DrainingServer, create_app
     from server.engine import Engine
     from server.metrics import Metrics
 
     s = _settings(args)
-    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(s.log_level, s.log_format)
     _check_ports_free(s)  # before tens of seconds of loading and warm-up, not after them
     metrics = Metrics()
     try:
@@ -88,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host=s.host,
         port=s.port,
         log_level=s.log_level,
-        access_log=False,
+        log_config=None,  # uvicorn's loggers go through cmserve's handler (text or JSON)
+        access_log=False,  # cmserve's own access log carries the request id (--access-log)
         timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
     )
     DrainingServer(config, app.state.cm).run()

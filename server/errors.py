@@ -15,6 +15,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.logs import REQUEST_ID, access
 from server.metrics import Metrics
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -72,8 +73,10 @@ class EdgeMiddleware:
         metrics: Metrics,
         max_body_bytes: int,
         draining: Callable[[], bool] = lambda: False,
+        access_log: bool = False,
     ) -> None:
         self.app = app
+        self.access_log = access_log
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.draining = draining
@@ -88,6 +91,7 @@ class EdgeMiddleware:
         if not _REQUEST_ID.match(rid):
             rid = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        token = REQUEST_ID.set(rid)  # on every log line while this request is handled
         path = scope["path"]
         route = path if path in KNOWN_ROUTES else "other"
         status = {"code": 500}
@@ -130,8 +134,18 @@ class EdgeMiddleware:
                 await resp(scope, receive, send_wrapped)
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()
+            elapsed = time.perf_counter() - t0
             status_class = f"{status['code'] // 100}xx"
-            self.metrics.request_latency.labels(route, status_class).observe(time.perf_counter() - t0)
+            self.metrics.request_latency.labels(route, status_class).observe(elapsed)
+            if self.access_log:
+                client = scope.get("client") or ("", 0)
+                access.info(
+                    '%s %s %d %.1f ms',
+                    scope["method"], path, status["code"], elapsed * 1e3,
+                    extra={"method": scope["method"], "path": path, "status": status["code"],
+                           "duration_ms": round(elapsed * 1e3, 2), "client": client[0]},
+                )  # fmt: skip
+            REQUEST_ID.reset(token)
 
 
 class BodyTooLarge(Exception):

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'json': one JSON object per line (time, level, logger, message, request_id)."
+    )
+    access_log: bool = Field(
+        False, description="Log one line per response, with its request id and duration."
+    )
 
     @field_validator("buckets", "api_keys", "cors_origins", "models", mode="before")
     @classmethod

@@ -118,3 +118,24 @@ def test_version() -> None:
         [sys.executable, "-m", "server.cli", "--version"], capture_output=True, text=True, timeout=60
     )
     assert p.returncode == 0 and p.stdout.startswith("cmserve ")
+
+
+def test_json_logs_with_request_ids_an_access_log_and_one_ready_line(tiny_ckpt: Path, tmp_path: Path) -> None:
+    import json
+
+    args = ("--checkpoint", str(tiny_ckpt), "--buckets", "1,2", "--access-log", "--log-format", "json")
+    with serve_process(*args, tmp=tmp_path) as sp, httpx.Client(base_url=sp.url, timeout=30) as c:
+        assert (
+            c.post("/v1/generate", json={"seed": 1}, headers={"x-request-id": "req-abc"}).status_code == 200
+        )
+        assert c.post("/v1/generate", json={"n": 0}, headers={"x-request-id": "req-bad"}).status_code == 422
+        log = sp.output()
+    lines = [json.loads(ln) for ln in log.splitlines() if ln.strip()]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(ln) for ln in lines)
+    access = {ln["request_id"]: ln for ln in lines if ln["logger"] == "cmserve.access"}
+    assert access["req-abc"]["status"] == 200 and access["req-abc"]["path"] == "/v1/generate"
+    assert access["req-bad"]["status"] == 422 and access["req-abc"]["duration_ms"] > 0
+    ready = [ln for ln in lines if ln["message"].startswith("ready:")]
+    assert len(ready) == 1 and "placeholder-untrained" in ready[0]["message"]
+    # uvicorn's own lines come through the same JSON handler
+    assert any(ln["logger"].startswith("uvicorn") for ln in lines)
