@@ -35,16 +35,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="a model to time, repeatable: each gets the same rows (PATH: a cmserve checkpoint or a "
         "diffusers ConsistencyModelPipeline directory); default the shipped model",
     )
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     s.add_argument(
         "--backends", default="", help="comma list of eager,graph; default eager on CPU, both on CUDA"
     )
-    s.add_argument("--buckets", default="1,2,4,8,16,32,64")
-    s.add_argument("--steps", default="1,2,4")
+    s.add_argument("--buckets", default="1,2,4,8,16,32,64", help="batch sizes to time, comma-separated")
+    s.add_argument("--steps", default="1,2,4", help="step counts to time, comma-separated")
     s.add_argument("--repeats", type=int, default=5, help="timed batches per figure (median)")
     s.add_argument("--rounds", type=int, default=3, help="rounds over all figures; the best round counts")
-    s.add_argument("--quick", action="store_true")
-    s.add_argument("--json", default="")
+    s.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")
+    s.add_argument("--json", default="", help="also write the whole result as JSON here")
     v = sub.add_parser("server", help="open-loop load sweep against real servers")
     v.add_argument(
         "--checkpoint",
@@ -53,8 +53,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="",
         help="the model every server serves: a cmserve checkpoint or a diffusers directory",
     )
-    v.add_argument("--teacher", default=str(DEFAULT_TEACHER))
-    v.add_argument("--device", default="auto")
+    v.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="the 32-step teacher for its own sweep")
+    v.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     v.add_argument(
         "--fractions",
         default="0.05,0.1,0.2,0.35,0.5,0.7,1.0,1.3",
@@ -64,39 +64,39 @@ def add_args(p: argparse.ArgumentParser) -> None:
     v.add_argument(
         "--min-requests", type=int, default=200, help="run a rate longer if it would send fewer requests"
     )
-    v.add_argument("--peers", default="litserve,plain")
-    v.add_argument("--litserve-max-batch", type=int, default=32)
-    v.add_argument("--litserve-timeout", type=float, default=0.005)
+    v.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
+    v.add_argument("--litserve-max-batch", type=int, default=32, help="LitServe's max_batch_size")
+    v.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe's batch_timeout (s)")
     v.add_argument(
         "--quick", action="store_true", help="tiny model, 2 rates, short runs: keeps the harness working"
     )
-    v.add_argument("--json", default="")
-    v.add_argument("--plot", default="")
+    v.add_argument("--json", default="", help="also write the whole result as JSON here")
+    v.add_argument("--plot", default="", help="write the latency-vs-throughput plot (PNG) here")
     t = sub.add_parser("threads", help="CPU batch time on one thread vs sharing the process")
-    t.add_argument("--checkpoint", default="")
-    t.add_argument("--batches", default="1,8,64")
-    t.add_argument("--repeats", type=int, default=9)
-    t.add_argument("--rounds", type=int, default=2)
-    t.add_argument("--json", default="")
+    t.add_argument("--checkpoint", default="", help="the model to time (default: the shipped one)")
+    t.add_argument("--batches", default="1,8,64", help="batch sizes to time, comma-separated")
+    t.add_argument("--repeats", type=int, default=9, help="timed batches per figure (median)")
+    t.add_argument("--rounds", type=int, default=2, help="rounds over all figures; the best counts")
+    t.add_argument("--json", default="", help="also write the whole result as JSON here")
     f = sub.add_parser("frontend", help="requests/s per front-end core with a model that answers at once")
     f.add_argument("--checkpoint", default="", help="model shape to stub (default: the tiny placeholder)")
-    f.add_argument("--concurrency", type=int, default=64)
-    f.add_argument("--duration", type=float, default=5.0)
-    f.add_argument("--peers", default="litserve,plain")
-    f.add_argument("--quick", action="store_true")
-    f.add_argument("--json", default="")
+    f.add_argument("--concurrency", type=int, default=64, help="requests kept in flight")
+    f.add_argument("--duration", type=float, default=5.0, help="seconds per server")
+    f.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
+    f.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")
+    f.add_argument("--json", default="", help="also write the whole result as JSON here")
     b = sub.add_parser("batching", help="request- vs step-level batching on mixed workloads")
     b.add_argument("--checkpoint", default="", help="the consistency model (default: the shipped one)")
     b.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="the 32-step teacher served beside it")
-    b.add_argument("--device", default="auto")
+    b.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     b.add_argument("--loads", default="0.5,0.7,0.9", help="arrival rates as fractions of saturation")
     b.add_argument("--duration", type=float, default=20.0, help="seconds per rate and mode")
     b.add_argument("--max-batch-size", type=int, default=0, help="both servers' (0: each picks its own)")
     b.add_argument("--quick", action="store_true", help="tiny model, one workload, short runs")
-    b.add_argument("--json", default="")
+    b.add_argument("--json", default="", help="also write the whole result as JSON here")
     k = sub.add_parser("kernels", help="Triton kernels vs torch (CUDA only)")
-    k.add_argument("--quick", action="store_true")
-    k.add_argument("--json", default="")
+    k.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")
+    k.add_argument("--json", default="", help="also write the whole result as JSON here")
 
 
 def run_sampler(args: argparse.Namespace) -> dict[str, Any]:

@@ -33,16 +33,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--train-classifier", action="store_true", help="(re)train the classifier first and save it"
     )
-    p.add_argument("--num-samples", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--num-samples", type=int, default=5000, help="samples per row (class-balanced)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per sampler call")
     p.add_argument("--steps", default="1,2,4", help="consistency step counts")
-    p.add_argument("--teacher-steps", type=int, default=32)
+    p.add_argument("--teacher-steps", type=int, default=32, help="ODE steps of the teacher rows")
     p.add_argument(
         "--teacher-guidance",
         default="1",
         help="classifier-free guidance scales of the teacher rows, comma list",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (the tables reproduce)")
     p.add_argument("--quick", action="store_true", help="100 samples, 4 teacher steps: a smoke run")
     p.add_argument("--json", default="", help="write {'rows': [...]} here")
     p.add_argument("--grid", default="", help="also save a 10-class x 8-seed 2-step grid PNG here")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -57,6 +58,11 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         task = asyncio.create_task(_start(st))
         st.tasks.add(task)
         ops = OpsServer(st, settings.host, settings.ops_port).start() if settings.ops_port else None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(
+            NotImplementedError, RuntimeError, ValueError
+        ):  # no signals off the main thread
+            loop.add_signal_handler(signal.SIGHUP, _reload_keys, settings)
         yield
         left = st.begin_drain()  # a no-op past DrainingServer's signal: its budget runs on
         if st.batcher is not None:
@@ -324,6 +330,16 @@ def model_card(m: ServedModel, default: bool) -> ModelCardResponse:
         schedules={str(k): list(v) for k, v in c.schedules.items()},
         provenance=c.provenance,
     )
+
+
+def _reload_keys(settings: Settings) -> None:
+    """SIGHUP: the API keys file is read again (rotate keys without a restart)."""
+    try:
+        n = settings.reload_keys()
+    except OSError as e:
+        log.error("SIGHUP: cannot read the API keys file, keys unchanged: %s", e)
+    else:
+        log.info("SIGHUP: API keys reloaded (%d keys)", n)
 
 
 async def _start(st: ServerState) -> None:

@@ -15,11 +15,15 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 
+ENV_ONLY = {"api_keys"}  # secrets: from the environment or a file, never a flag that `ps` shows
+
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     from server.settings import Settings
 
     for name, f in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
         flag = "--" + name.replace("_", "-")
         env = "CMSERVE_" + name.upper()
         default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "cm-mnist.json"
@@ -19,6 +19,7 @@ def _csv_list(v: object) -> object:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CMSERVE_", extra="forbid")
+    _env_keys: list[str] = PrivateAttr(default_factory=list)  # the keys not from the keys file
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 inside a container).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port.")
@@ -66,9 +67,13 @@ class Settings(BaseSettings):
     max_timeout_s: float = Field(120.0, gt=0, description="Cap on a request's own deadline.")
     max_body_bytes: int = Field(16384, ge=256, description="Largest request body accepted (413 beyond).")
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Bearer API keys, comma-separated; empty = no auth."
+        default_factory=list,
+        description="Bearer API keys, comma-separated, from CMSERVE_API_KEYS only (a flag would show "
+        "them in `ps`); empty, with no keys file = no auth.",
     )
-    api_keys_file: str = Field("", description="File with one API key per line (added to api_keys).")
+    api_keys_file: str = Field(
+        "", description="File with one API key per line ('#' comments), added to the keys; re-read on SIGHUP."
+    )
     ops_port: int = Field(
         0,
         ge=0,
@@ -111,12 +116,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _keys_file(self) -> Settings:
-        if self.api_keys_file:
-            lines = Path(self.api_keys_file).read_text().splitlines()
-            self.api_keys = [
-                *self.api_keys,
-                *(ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")),
-            ]
+        self._env_keys = list(self.api_keys)
+        self.api_keys = [*self._env_keys, *self.file_keys()]
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s exceeds max_timeout_s")
         return self
@@ -148,6 +149,18 @@ class Settings(BaseSettings):
             name, eq, path = m.partition("=")
             out.append((name, Path(path)) if eq else (None, Path(m)))
         return out
+
+    def file_keys(self) -> list[str]:
+        if not self.api_keys_file:
+            return []
+        lines = Path(self.api_keys_file).read_text().splitlines()
+        return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+
+    def reload_keys(self) -> int:
+        """Re-read the keys file (SIGHUP): the keys become the environment's plus the file's.
+        -> how many keys there are now. A file that cannot be read keeps the keys as they were."""
+        self.api_keys = [*self._env_keys, *self.file_keys()]
+        return len(self.api_keys)
 
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint) if self.checkpoint else DEFAULT_CHECKPOINT

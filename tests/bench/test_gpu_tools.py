@@ -130,3 +130,24 @@ def test_wheel_set_check_finds_a_missing_requirement(tmp_path: Path) -> None:
             shutil.copy(w, part)
     gaps = gpu_wheels.missing(part)
     assert any("pydantic-core" in lack for lack in gaps.values()), gaps
+
+
+def test_every_bench_and_eval_flag_has_help() -> None:
+    import argparse
+
+    from bench.cli import add_args as bench_args
+    from models.evaluate import add_args as eval_args
+
+    missing = []
+    for name, add in (("bench", bench_args), ("eval", eval_args)):
+        p = argparse.ArgumentParser()
+        add(p)
+        parsers = [p]
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                parsers += list(a.choices.values())
+        for parser in parsers:
+            for a in parser._actions:
+                if a.option_strings and a.help is None and "--help" not in a.option_strings:
+                    missing.append(f"{name} {parser.prog}: {a.option_strings}")
+    assert not missing, missing

@@ -103,3 +103,37 @@ def test_protected_ops_endpoints_and_configured_cors(tiny_ckpt: Path, tmp_path: 
             headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
         )
         assert "access-control-allow-origin" not in pre.headers
+
+
+def test_keys_rotate_on_sighup_and_never_come_from_a_flag(tiny_ckpt: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.procs import ROOT
+
+    p = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "--api-keys-file" in p.stdout and "--api-keys " not in p.stdout  # keys stay out of `ps`
+    keys = tmp_path / "keys.txt"
+    keys.write_text("old-key-1\n")
+    env = {"CMSERVE_API_KEYS": KEY_ENV, "CMSERVE_API_KEYS_FILE": str(keys)}
+    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1", tmp=tmp_path, env=env) as sp:
+
+        def status(key: str) -> int:
+            return httpx.get(sp.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
+
+        assert (status("old-key-1"), status("new-key-2"), status(KEY_ENV)) == (200, 401, 200)
+        keys.write_text("new-key-2\n")
+        sp.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while status("new-key-2") != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (status("old-key-1"), status("new-key-2"), status(KEY_ENV)) == (401, 200, 200)
+        keys.unlink()  # an unreadable file keeps the keys as they are
+        sp.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert status("new-key-2") == 200 and sp.proc.poll() is None
+        assert "cannot read the API keys file" in sp.output()

@@ -44,8 +44,8 @@ def test_sdk_images_equal_v1_generate_and_errors_surface(tiny_ckpt: Path, tmp_pa
 
 
 def test_sdk_api_key(tiny_ckpt: Path, tmp_path: Path) -> None:
-    args = ("--checkpoint", str(tiny_ckpt), "--buckets", "1", "--api-keys", "sekret")
-    with serve_process(*args, tmp=tmp_path) as sp:
+    args = ("--checkpoint", str(tiny_ckpt), "--buckets", "1")
+    with serve_process(*args, tmp=tmp_path, env={"CMSERVE_API_KEYS": "sekret"}) as sp:
         good = openai.OpenAI(base_url=sp.url + "/v1", api_key="sekret", max_retries=0)
         assert len(good.images.generate(prompt="0").data) == 1
         bad = openai.OpenAI(base_url=sp.url + "/v1", api_key="wrong", max_retries=0)
