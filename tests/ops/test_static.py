@@ -30,6 +30,55 @@ def test_dockerfile_lints_clean() -> None:
     assert "HEALTHCHECK" in text and "USER 10001" in text and 'CMD ["cmserve", "serve"' in text
 
 
+def _dockerfile() -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(ENV, ARG defaults, RUN/HEALTHCHECK lines) of the Dockerfile, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    args: dict[str, str] = {}
+    other = []
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENV":
+            env.update(kv.split("=", 1) for kv in rest.split() if "=" in kv)
+        elif word == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            args[k] = v
+        elif word in ("RUN", "HEALTHCHECK"):
+            other.append(line)
+    return env, args, other
+
+
+def test_the_image_can_run_the_triton_kernels_as_its_user() -> None:
+    """Build-free: a C compiler and Python headers (Triton's launcher), TRITON_CACHE_DIR on a path
+    the user owns and the pod mounts writable, a home, healthy only when ready, torch pinned to a
+    version the project runs."""
+    env, args, lines = _dockerfile()
+    runs = " ".join(lines)
+    assert "gcc" in runs and "python3-dev" in runs
+    cache = env["TRITON_CACHE_DIR"]
+    assert cache.startswith("/var/cache/cmserve") and "chown -R 10001 /var/cache/cmserve" in runs
+    assert "--create-home" in runs and env["HOME"] == "/home/cmserve"
+    (health,) = [ln for ln in lines if ln.startswith("HEALTHCHECK")]
+    assert "/readyz" in health and "/healthz" not in health
+    assert args["TORCH"] in {"2.11.0", "2.13.0"} and '"torch==${TORCH}"' in runs
+    deploy = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "deployment.yaml").read_text())
+    pod = deploy["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert "/var/cache/cmserve" in mounts  # writable under readOnlyRootFilesystem
+    assert {"name": mounts["/var/cache/cmserve"], "emptyDir": {}} in pod["volumes"]
+
+
+def test_the_cpu_compose_override_builds_a_cpu_image() -> None:
+    cfg = yaml.safe_load(
+        run(
+            tool("docker-compose"), "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "config"
+        ).stdout
+    )
+    build = cfg["services"]["cmserve"]["build"]
+    assert "cuda" not in build["args"]["BASE"] and build["args"]["TORCH_INDEX"].endswith("/cpu")
+    assert cfg["services"]["cmserve"]["image"] != "cmserve:latest"  # not the GPU image's tag
+
+
 def test_kubernetes_manifests_validate(tmp_path: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl:
@@ -127,12 +176,15 @@ def test_prometheusrule_equals_the_rules_files() -> None:
     """The cluster's PrometheusRule carries exactly the groups the compose stack loads."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gen", DEPLOY / "kubernetes" / "gen_prometheusrule.py")
+    spec = importlib.util.spec_from_file_location("gen", DEPLOY / "kubernetes" / "generate.py")
     assert spec is not None and spec.loader is not None
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     committed = yaml.safe_load((DEPLOY / "kubernetes" / "prometheusrule.yaml").read_text())
-    assert committed == gen.manifest(), "rerun deploy/kubernetes/gen_prometheusrule.py"
+    assert committed == gen.manifest(), "rerun deploy/kubernetes/generate.py"
+    dashboard = yaml.safe_load((DEPLOY / "kubernetes" / "dashboard-configmap.yaml").read_text())
+    assert dashboard == gen.dashboard_configmap(), "rerun deploy/kubernetes/generate.py"
+    assert json.loads(dashboard["data"]["cmserve.json"])["title"]  # the dashboard itself, parseable
     assert committed["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     names = {r.get("record") or r.get("alert") for g in committed["spec"]["groups"] for r in g["rules"]}
     assert "job:cmserve_request_duration_seconds:p99_rate1m" in names
