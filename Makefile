@@ -8,11 +8,15 @@ PORT   ?= 8000
 
 .PHONY: serve test test-fast lint bench bench-batching loadtest gpu-check gpu-wheels train eval eval-edits fuzz soak ops-tools clean
 
-# torch is pinned here (not in pyproject) to the CPU wheel on this machine's disk: an unpinned
-# torch would pull a multi-GB CUDA build. On a GPU machine install the CUDA torch first.
+# torch is pinned here (not in pyproject) to its CPU build, the one CI tests: an unpinned torch
+# would pull a multi-GB CUDA build. From the configured index or wheel directory if it has it,
+# else from PyTorch's CPU index. On a GPU machine install the CUDA torch into $(VENV) first.
+TORCH ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 $(VENV)/.serve: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) "torch==$(TORCH)+cpu" 2>/dev/null \
+		|| $(PIP) "torch==$(TORCH)+cpu" --index-url $(TORCH_CPU_INDEX)
 	$(PIP) -e .
 	touch $@
 
