@@ -23,7 +23,7 @@ from server import edits, openai_images
 from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
 from server.engine import Engine, ServedModel
-from server.errors import EdgeMiddleware, error_response, first_validation_error, request_id_of
+from server.errors import EdgeMiddleware, error_response, request_id_of, validation_errors
 from server.generate import generate as handle_generate
 from server.metrics import Metrics
 from server.ops_listener import OpsServer
@@ -76,6 +76,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
             st.engine.close(wait=False)  # a batch still running finishes
 
     app = FastAPI(
+        redirect_slashes=False,  # "/v1/generate/" is not a route: 404, not a redirect
         title="cmserve",
         version="0.1.0",
         lifespan=lifespan,
@@ -110,13 +111,16 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return error_response(
-            e.status, e.message, request_id_of(request.scope), param=e.param, code=e.code, headers=e.headers
-        )
+            e.status, e.message, request_id_of(request.scope), param=e.param, code=e.code, headers=e.headers,
+            errors=e.errors,
+        )  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
-        msg, param = first_validation_error(list(e.errors()))
-        return error_response(422, msg, request_id_of(request.scope), param=param, code="invalid_value")
+        errs = validation_errors(list(e.errors()))
+        msg, param = str(errs[0]["message"]), errs[0]["param"]
+        rid = request_id_of(request.scope)
+        return error_response(422, msg, rid, param=param, code="invalid_value", errors=errs)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -58,9 +58,11 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        errors: list[dict[str, str | None]] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.errors = errors  # every field at fault, for a body with several
 
 
 async def get_state(request: Request) -> ServerState:

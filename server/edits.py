@@ -266,7 +266,7 @@ async def images_interpolations(request: Request, st: ServerState) -> Any:
     except ApiError as e:
         if e.param == "n":  # the frames are the images
             raise ApiError(
-                e.status, e.message.replace("n must", "frames must"), param="frames", code=e.code
+                e.status, "frames" + e.message.removeprefix("n"), param="frames", code=e.code
             ) from None
         raise
     alphas = [f / (ireq.frames - 1) for f in range(ireq.frames)]

@@ -52,11 +52,18 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    errors: list[dict[str, str | None]] | None = None,
 ) -> JSONResponse:
-    body = {
-        "error": {"type": ERROR_TYPES.get(status, "error"), "message": message, "param": param, "code": code},
-        "request_id": request_id,
+    """The one error shape. `errors`: every field at fault, where a body has several."""
+    error: dict[str, Any] = {
+        "type": ERROR_TYPES.get(status, "error"),
+        "message": message,
+        "param": param,
+        "code": code,
     }
+    if errors and len(errors) > 1:
+        error["errors"] = errors
+    body = {"error": error, "request_id": request_id}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -152,14 +159,15 @@ class BodyTooLarge(Exception):
     pass
 
 
-def first_validation_error(errors: list[Any]) -> tuple[str, str | None]:
-    """pydantic errors -> (message, param) naming the first offending field."""
-    if not errors:
-        return "invalid request body", None
-    e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    msg = e.get("msg", "invalid value")
-    if e.get("type") == "extra_forbidden":
-        msg = "unknown field"
-    return (f"{param}: {msg}" if param else msg), param
+def validation_errors(errors: list[Any]) -> list[dict[str, str | None]]:
+    """pydantic errors -> [{"param", "message"}] for every offending field, in one wording:
+    "<field>: <what is wrong>" (pydantic's own phrases, without its "Value error, " prefix)."""
+    out = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        out.append({"param": param, "message": f"{param}: {msg}" if param else msg})
+    return out or [{"param": None, "message": "invalid request body"}]

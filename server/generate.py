@@ -19,15 +19,24 @@ from models.grid import png_bytes
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.deps import ApiError, ServerState
 from server.engine import Engine, ServedModel, UnknownModel
-from server.errors import first_validation_error, request_id_of
+from server.errors import request_id_of, validation_errors
 from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from server.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
 
 
+ANSWERS = ("application/json", "image/png", "*/*", "application/*", "image/*")
+
+
 def _accepts_png(request: Request) -> bool:
+    """Whether to answer with the PNG itself; 406 when the client accepts neither answer."""
     accept = request.headers.get("accept", "")
+    if accept and not any(a in accept for a in ANSWERS):
+        raise ApiError(
+            406, f"Accept: {accept[:60]!r}; this route answers application/json or image/png",
+            param="accept", code="not_acceptable",
+        )  # fmt: skip
     return "image/png" in accept and "application/json" not in accept
 
 
@@ -47,12 +56,15 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 def parse_body(schema: type[M], obj: dict[str, Any], status: int = 422) -> M:
-    """`obj` validated by `schema`, or `status` naming the first field at fault."""
+    """`obj` validated by `schema`, or `status` naming the first field at fault and listing all."""
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
-        msg, param = first_validation_error(list(e.errors()))
-        raise ApiError(status, msg, param=param, code="invalid_value") from None
+        errs = validation_errors(list(e.errors()))
+        first = errs[0]
+        raise ApiError(
+            status, str(first["message"]), param=first["param"], code="invalid_value", errors=errs
+        ) from None
 
 
 def served_model(engine: Engine, name: str | None) -> ServedModel:
@@ -95,9 +107,10 @@ def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[Gene
         req.steps = card.steps_default
     if req.steps not in card.schedules:
         raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
-    if req.n > st.settings.max_images_per_request:
+    if req.n > st.settings.max_images_per_request:  # worded and coded as the schema's own bounds
+        limit = st.settings.max_images_per_request
         raise ApiError(
-            422, f"n must be at most {st.settings.max_images_per_request}", param="n", code="n_too_large"
+            422, f"n: Input should be less than or equal to {limit}", param="n", code="invalid_value"
         )
     req.model = card.name
     return req, sm
@@ -116,14 +129,19 @@ def ready_engine(st: ServerState) -> Engine:
 def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
     t = req.timeout_s
     if t is None and "x-request-timeout" in request.headers:
+        # the header's mistakes answer as the body field's do: 422, invalid_value, its name
         try:
             t = float(request.headers["x-request-timeout"])
         except ValueError:
             raise ApiError(
-                400, "x-request-timeout must be a number of seconds", code="invalid_value"
-            ) from None
+                422, "x-request-timeout: Input should be a number of seconds", param="x-request-timeout",
+                code="invalid_value",
+            ) from None  # fmt: skip
         if not t > 0:
-            raise ApiError(400, "x-request-timeout must be positive", code="invalid_value")
+            raise ApiError(
+                422, "x-request-timeout: Input should be greater than 0", param="x-request-timeout",
+                code="invalid_value",
+            )  # fmt: skip
     return min(float(t) if t is not None else s.default_timeout_s, s.max_timeout_s)
 
 

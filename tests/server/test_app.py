@@ -293,3 +293,36 @@ async def test_ops_port_serves_health_readiness_and_metrics(tiny_ckpt: Path) -> 
             app.state.cm.begin_drain()
             r = await o.get("/readyz", headers=auth)
             assert (r.status_code, r.json()) == (503, {"status": "draining"})
+
+
+async def test_one_validation_vocabulary(tiny_ckpt: Path) -> None:
+    """The same kind of mistake answers alike: code, status, wording; every field at fault listed."""
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+
+        async def err(body: object, **headers: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+            r = await c.post("/v1/generate", json=body, headers=headers)
+            return r.status_code, r.json()["error"]
+
+        low, high = await err({"n": 0}), await err({"n": 17})
+        assert low[0] == high[0] == 422 and low[1]["code"] == high[1]["code"] == "invalid_value"
+        assert low[1]["message"] == "n: Input should be greater than or equal to 1"
+        assert high[1]["message"] == "n: Input should be less than or equal to 16"
+        status, e = await err({"n": "4"})
+        assert status == 422 and e["message"] == "n: must be an integer"  # no "Value error, " prefix
+        # a bad deadline: the body's field and the header answer alike
+        body_bad, header_bad = (
+            await err({"timeout_s": "soon"}),
+            await err({}, **{"x-request-timeout": "soon"}),
+        )
+        assert body_bad[0] == header_bad[0] == 422 and header_bad[1]["param"] == "x-request-timeout"
+        assert body_bad[1]["code"] == header_bad[1]["code"] == "invalid_value"
+        # every field at fault is listed, the first also in message/param
+        status, e = await err({"n": 0, "seed": -1, "colour": "red"})
+        assert status == 422 and {x["param"] for x in e["errors"]} == {"n", "seed", "colour"}
+        assert e["param"] == e["errors"][0]["param"]
+        # an Accept the route cannot satisfy, and a trailing slash
+        r = await c.post("/v1/generate", json={}, headers={"accept": "image/webp"})
+        assert r.status_code == 406 and r.json()["error"]["code"] == "not_acceptable"
+        r = await c.post("/v1/generate/", json={})
+        assert r.status_code == 404
+        assert app.state.cm.batcher.batches_run == 0

@@ -162,7 +162,7 @@ BAD_UPLOADS = [
     ({}, {}, 422, "image", "required"),
     ({"image": DIGIT, "mask": MASK}, {"mode": "outpaint"}, 422, "mode", "inpaint"),
     ({"image": DIGIT, "mask": MASK}, {"n": "two"}, 422, "n", "must be a number"),
-    ({"image": DIGIT, "mask": MASK}, {"n": "17"}, 422, "n", "at most 16"),
+    ({"image": DIGIT, "mask": MASK}, {"n": "17"}, 422, "n", "less than or equal to 16"),
     ({"image": DIGIT, "mask": MASK}, {"strength": "2"}, 422, "strength", "less than or equal to 1"),
     ({"image": DIGIT}, {"mode": "superres"}, 422, "image", "low-resolution image of side [14, 7, 4, 2]"),
     (
