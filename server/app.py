@@ -24,6 +24,7 @@ from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
 from server.engine import Engine, ServedModel
 from server.errors import EdgeMiddleware, error_response, request_id_of, validation_errors
+from server.fairness import RateLimiter
 from server.generate import generate as handle_generate
 from server.metrics import Metrics
 from server.ops_listener import OpsServer
@@ -51,7 +52,9 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     """engine: a loaded Engine (the CLI loads it first to fail fast) sharing `metrics`;
     None = load it in the background after start-up."""
     metrics = metrics or (engine.metrics if engine is not None else Metrics())
-    st = ServerState(settings, metrics, engine)
+    st = ServerState(
+        settings, metrics, engine, limiter=RateLimiter(settings.key_rate_limit, settings.key_rate_burst)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -372,6 +375,7 @@ async def _start(st: ServerState) -> None:
                 model_max_batch=limits,
                 max_queue_images=s.max_queue_images,
                 executor=engine.executor,
+                tenant_share=s.key_queue_share,
             )
         else:
             batcher = Batcher(
@@ -382,6 +386,7 @@ async def _start(st: ServerState) -> None:
                 max_queue_images=s.max_queue_images,
                 max_wait_s=s.max_wait_ms / 1000.0,
                 executor=engine.executor,
+                tenant_share=s.key_queue_share,
             )
         st.batcher = batcher
         batcher.start()

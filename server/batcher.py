@@ -37,9 +37,10 @@ RunBatch = Callable[[int, list[int | None], list[int], str, list[Any] | None], n
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after_s: int) -> None:
+    def __init__(self, retry_after_s: int, reason: str = "queue_full") -> None:
         super().__init__("queue full")
         self.retry_after_s = retry_after_s
+        self.reason = reason  # "queue_full", or "key_queue_share": this key's share of it is
 
 
 class DeadlineExceeded(Exception):
@@ -66,6 +67,7 @@ class Job:
     request_id: str
     future: asyncio.Future[JobResult]
     model: str = ""  # the served model's name ("" where the batcher serves one model)
+    tenant: str = ""  # whose queue share it counts against (the API key)
     edits: list[Any] | None = None  # one per image (models.editing.RowEdit), None = plain generation
     enqueued: float = field(default_factory=time.monotonic)
     client_gone: bool = False
@@ -99,8 +101,12 @@ class Batcher:
         model_max_batch: dict[str, int] | None = None,
         max_wait_s: float = 0.0,
         executor: Executor | None = None,
+        tenant_share: float = 1.0,
     ) -> None:
         self.run_batch = run_batch
+        # most images one tenant may have queued (1.0: no cap beyond the queue's own)
+        self.tenant_limit = max(1, math.floor(tenant_share * max_queue_images))
+        self._tenant_images: dict[str, int] = {}
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.model_max_batch = model_max_batch or {}  # per model, where it differs
@@ -122,18 +128,25 @@ class Batcher:
 
     # ---- producer side ------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue a job or raise QueueFull (never blocks)."""
+        """Queue a job or raise QueueFull (never blocks): the queue is full, or this job's tenant
+        already holds its share of it (then Retry-After is from its own images queued)."""
         if self._queued_images + job.n > self.max_queue_images:
             raise QueueFull(self.retry_after())
+        held = self._tenant_images.get(job.tenant, 0)
+        if job.tenant and held + job.n > self.tenant_limit:
+            raise QueueFull(self.retry_after(held), reason="key_queue_share")
         self._pending.append(job)
         self._queued_images += job.n
+        self._tenant_images[job.tenant] = held + job.n
         self._idle.clear()
         self._update_gauges()
         self._wakeup.set()
 
-    def retry_after(self) -> int:
-        """Seconds until the queue has likely drained: batches ahead of us x recent batch time."""
-        batches = math.ceil((self._queued_images + 1) / self.max_batch_size) + 1
+    def retry_after(self, images: int | None = None) -> int:
+        """Seconds until the queue (or `images` of it) has likely drained: batches ahead of us x
+        recent batch time."""
+        queued = self._queued_images if images is None else images
+        batches = math.ceil((queued + 1) / self.max_batch_size) + 1
         return max(1, math.ceil(batches * self._batch_s))
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -164,6 +177,7 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(Draining())
         self._queued_images = 0
+        self._tenant_images.clear()
         self._update_gauges()
         if self._own_executor:
             self._executor.shutdown(wait=True)
@@ -176,6 +190,11 @@ class Batcher:
     def _drop(self, job: Job) -> None:
         self._pending.remove(job)
         self._queued_images -= job.n
+        left = self._tenant_images.get(job.tenant, 0) - job.n
+        if left > 0:
+            self._tenant_images[job.tenant] = left
+        else:
+            self._tenant_images.pop(job.tenant, None)
 
     def _prune(self) -> None:
         """Drop jobs that must not reach the model: answered, abandoned or expired."""

@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 
 from server.batcher import Batcher
 from server.engine import Engine
+from server.fairness import RateLimiter
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -34,6 +35,7 @@ class ServerState:
     )
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     drain_deadline: float | None = None  # time.monotonic() by which the whole drain must end
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0))
 
     def begin_drain(self) -> float:
         """Enter draining (idempotent): /readyz and new requests answer 503 from now on. The

@@ -20,6 +20,7 @@ from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFu
 from server.deps import ApiError, ServerState
 from server.engine import Engine, ServedModel, UnknownModel
 from server.errors import request_id_of, validation_errors
+from server.fairness import tenant_of
 from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from server.settings import Settings
 
@@ -193,9 +194,18 @@ async def serve(
     # every browser client) represent integers exactly only up to there
     seed = req.seed if req.seed is not None else secrets.randbelow(JS_SAFE_SEEDS - req.n + 1)
     rid = request_id_of(request.scope)
+    tenant = tenant_of(request)
+    wait = st.limiter.take(tenant)
+    if wait:
+        m.rejected.labels("key_rate").inc()
+        raise ApiError(
+            429, "this key's request rate is over its limit; retry later", code="key_rate_limited",
+            headers={"Retry-After": str(wait)},
+        )  # fmt: skip
     assert req.model is not None  # set by `validate`
     job = Job(
         model=req.model,
+        tenant=tenant,
         steps=req.steps,
         labels=[req.class_label] * req.n,
         seeds=[seed] * req.n if same_seed else [seed + i for i in range(req.n)],
@@ -207,12 +217,10 @@ async def serve(
     try:
         batcher.submit(job)
     except QueueFull as e:
-        m.rejected.labels("queue_full").inc()
+        m.rejected.labels(e.reason).inc()
+        msg = "queue is full" if e.reason == "queue_full" else "this key holds its share of the queue"
         raise ApiError(
-            429,
-            "queue is full; retry later",
-            code="queue_full",
-            headers={"Retry-After": str(e.retry_after_s)},
+            429, f"{msg}; retry later", code=e.reason, headers={"Retry-After": str(e.retry_after_s)}
         ) from None
     m.inflight.inc()
     watcher = asyncio.create_task(_watch_disconnect(request, job))

@@ -188,7 +188,7 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ...
         # Export every known label value at 0 from the start, so rates and alerts see a series
         # before the first event instead of nothing.
-        for reason in ("queue_full", "deadline", "disconnected", "draining"):
+        for reason in ("queue_full", "key_queue_share", "key_rate", "deadline", "disconnected", "draining"):
             self.rejected.labels(reason)
         for reason in ("exception", "nonfinite"):
             self.batch_failures.labels(reason)

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     api_keys_file: str = Field(
         "", description="File with one API key per line ('#' comments), added to the keys; re-read on SIGHUP."
     )
+    key_rate_limit: float = Field(
+        0.0,
+        ge=0,
+        description="Requests/s one API key (or, without keys, one client address) may send; 0 = no limit.",
+    )
+    key_rate_burst: int = Field(0, ge=0, description="Burst above key_rate_limit; 0 = the rate, rounded up.")
+    key_queue_share: float = Field(
+        1.0, gt=0, le=1, description="Share of max_queue_images one key may hold queued (429 beyond)."
+    )
     ops_port: int = Field(
         0,
         ge=0,

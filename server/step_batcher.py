@@ -58,6 +58,7 @@ class StepBatcher(Batcher):
         max_queue_images: int,
         model_max_batch: dict[str, int] | None = None,
         executor: Executor | None = None,
+        tenant_share: float = 1.0,
     ) -> None:
         super().__init__(
             lambda *a: np.empty(0),  # unused: the step loop below replaces the batch dispatch
@@ -66,6 +67,7 @@ class StepBatcher(Batcher):
             max_queue_images=max_queue_images,
             model_max_batch=model_max_batch,
             executor=executor,
+            tenant_share=tenant_share,
         )
         self.rows_fn, self.step_fn, self.clear_fn = rows_fn, step_fn, clear_fn
         self._flights: dict[Job, _Flight] = {}
