@@ -30,7 +30,7 @@ from models.interface import ConsistencyModel, ModelInfo
 from models.load import load_model
 from models.placeholder import build_placeholder
 from server.metrics import Metrics
-from server.runner import SamplerRunner
+from server.runner import SamplerRunner, reserved_bytes
 from server.settings import Settings
 from server.step_runner import Finished, StepRow, StepRunner
 
@@ -177,12 +177,12 @@ class Engine:
         -> seconds. Each model's graphs get a pool of their own, so its memory can be told."""
         t0 = time.perf_counter()
         for m in self.models.values():
-            before = m.runner.reserved_bytes()
+            before = reserved_bytes(self.device)
             if m.stepper is not None:
                 self.call(m.stepper.warmup)
             else:
                 self.call(m.runner.warmup, m.card.steps)
-            m.graph_bytes = m.runner.reserved_bytes() - before
+            m.graph_bytes = reserved_bytes(self.device) - before
             self.metrics.model_memory.labels(m.name, "graphs").set(m.graph_bytes)
         seconds = time.perf_counter() - t0
         self.metrics.capture_seconds.set(seconds)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -21,6 +21,48 @@ from models.editing import Constraint
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_sample, ode_sample
 from server.metrics import Metrics
+
+
+class Replayable(Protocol):
+    """A slot: the function one batch runs, and its captured graph (None: run it eagerly)."""
+
+    graph: Any
+
+    @property
+    def fn(self) -> Callable[[], None]: ...
+
+
+def prepare(slots: Sequence[Replayable], use_graphs: bool) -> None:
+    """Run each slot once (lazy inits, Triton JIT), or on CUDA capture it into a graph, in the
+    order given (largest bucket first, so the smaller graphs fit in the memory the largest one's
+    pool already reserved)."""
+    pool = None
+    if use_graphs:
+        from server import cuda_graphs
+
+        pool = cuda_graphs.new_pool()
+    for slot in slots:
+        if use_graphs:
+            slot.graph = cuda_graphs.capture(slot.fn, pool)
+        else:
+            slot.fn()
+
+
+def replay(slot: Replayable) -> None:
+    if slot.graph is not None:
+        slot.graph.replay()
+    else:
+        slot.fn()
+
+
+def reserved_bytes(device: torch.device) -> int:
+    """Device memory the caching allocator holds (0 off CUDA): the engine reads it before and
+    after a model's warm-up to tell what that model's graphs took."""
+    if device.type != "cuda":
+        return 0
+    from server import cuda_graphs
+
+    return cuda_graphs.reserved_bytes(device)
 
 
 @dataclass
@@ -116,29 +158,11 @@ class SamplerRunner:
     def warmup(self, steps_list: list[int]) -> None:
         """Build every slot, run each once, and on CUDA capture it (largest bucket first)."""
         t0 = time.perf_counter()
-        pool = None
-        if self.use_graphs:
-            from server import cuda_graphs
-
-            pool = cuda_graphs.new_pool()
         for steps in steps_list:
             for bucket in reversed(self.buckets):
-                slot = self._make_slot(bucket, steps)
-                if self.use_graphs:
-                    slot.graph = cuda_graphs.capture(slot.fn, pool)
-                else:
-                    slot.fn()
-                self.slots[(bucket, steps)] = slot
+                self.slots[(bucket, steps)] = self._make_slot(bucket, steps)
+        prepare(list(self.slots.values()), self.use_graphs)
         self.capture_s = time.perf_counter() - t0
-
-    def reserved_bytes(self) -> int:
-        """Device memory the caching allocator holds (0 off CUDA): the engine reads it before
-        and after a model's warm-up to tell what that model's graphs took."""
-        if self.device.type != "cuda":
-            return 0
-        from server import cuda_graphs
-
-        return cuda_graphs.reserved_bytes(self.device)
 
     def time_buckets(self, steps: int, rounds: int = 3) -> dict[int, float]:
         """Seconds per batch for each bucket at `steps` (after warm-up): the best of `rounds`
@@ -149,7 +173,7 @@ class SamplerRunner:
             for bucket in self.buckets:
                 slot = self.slots[(bucket, steps)]
                 t0 = time.perf_counter()
-                self._replay(slot)
+                replay(slot)
                 slot.out[:1].cpu()  # waits for the device
                 best[bucket] = min(best[bucket], time.perf_counter() - t0)
         return best
@@ -158,16 +182,9 @@ class SamplerRunner:
         """Smallest bucket holding n rows (n <= largest bucket)."""
         return self.buckets[bisect.bisect_left(self.buckets, n)]
 
-    @staticmethod
-    def _replay(slot: Slot) -> None:
-        if slot.graph is not None:
-            slot.graph.replay()
-        else:
-            slot.fn()
-
     def _execute(self, slot: Slot) -> None:
         """A served batch: replay, counted in the runner metrics (timing runs are not)."""
-        self._replay(slot)
+        replay(slot)
         self.metrics.runner_runs.labels(self.card.name, "eager" if slot.graph is None else "graph").inc()
 
     def _schedule(self, steps: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from models.editing import Constraint, RowEdit, batch_constraint
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_step, ode_step
 from server.metrics import Metrics
+from server.runner import prepare, replay
 
 
 @dataclass
@@ -109,28 +110,9 @@ class StepRunner:
     def warmup(self) -> None:
         """Build every bucket's evaluation, run it once, and on CUDA capture it (largest first)."""
         t0 = time.perf_counter()
-        pool = None
-        if self.use_graphs:
-            from server import cuda_graphs
-
-            pool = cuda_graphs.new_pool()
-        for b in reversed(self.buckets):
-            slot = self._make_slot(b)
-            if self.use_graphs:
-                from server import cuda_graphs
-
-                slot.graph = cuda_graphs.capture(slot.fn, pool)
-            else:
-                slot.fn()
-            self.slots[b] = slot
+        self.slots = {b: self._make_slot(b) for b in reversed(self.buckets)}
+        prepare(list(self.slots.values()), self.use_graphs)
         self.capture_s = time.perf_counter() - t0
-
-    def reserved_bytes(self) -> int:
-        if self.device.type != "cuda":
-            return 0
-        from server import cuda_graphs
-
-        return cuda_graphs.reserved_bytes(self.device)
 
     def time_buckets(self, rounds: int = 3) -> dict[int, float]:
         """Seconds per evaluation of each bucket (the best of `rounds`)."""
@@ -138,17 +120,10 @@ class StepRunner:
         for _ in range(rounds):
             for b in self.buckets:
                 t0 = time.perf_counter()
-                self._replay(self.slots[b])
+                replay(self.slots[b])
                 self.out[:1].cpu()
                 best[b] = min(best[b], time.perf_counter() - t0)
         return best
-
-    @staticmethod
-    def _replay(slot: StepSlot) -> None:
-        if slot.graph is not None:
-            slot.graph.replay()
-        else:
-            slot.fn()
 
     @property
     def free(self) -> int:
@@ -209,7 +184,7 @@ class StepRunner:
             self.s[:n].copy_(torch.tensor([r.times[r.i + 1] for r in self.rows]), non_blocking=True)
         self.first[:n].copy_(torch.tensor([r.i == 0 for r in self.rows]), non_blocking=True)
         b = self.buckets[bisect.bisect_left(self.buckets, n)]
-        self._replay(self.slots[b])
+        replay(self.slots[b])
         mode = "eager" if self.slots[b].graph is None else "graph"
         self.metrics.runner_runs.labels(self.card.name, mode).inc()
         self.metrics.padded_rows.labels(self.card.name).inc(b - n)
