@@ -57,6 +57,17 @@ class Constraint:
     luma: torch.Tensor
     patches: tuple[int, ...]
 
+    FIELDS = ("ref", "keep", "patch", "from_ref", "luma")  # the per-row buffers, in this order
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+    def rows(self, s: slice) -> Constraint:
+        """Rows `s` of every buffer (views)."""
+        return Constraint(
+            self.ref[s], self.keep[s], self.patch[s], self.from_ref[s], self.luma[s], self.patches
+        )
+
     @classmethod
     def empty(cls, batch: int, shape: tuple[int, int, int], device: torch.device | str = "cpu") -> Constraint:
         """No row constrained: plain generation."""

@@ -81,7 +81,7 @@ def evaluate_edits(args: argparse.Namespace) -> dict[str, Any]:
                 for i in range(0, n, args.batch_size):
                     rows_i = slice(i, i + args.batch_size)
                     parts.append(
-                        consistency_sample(model, noise[:, rows_i], y[rows_i], times, _rows(con, rows_i))
+                        consistency_sample(model, noise[:, rows_i], y[rows_i], times, con.rows(rows_i))
                     )
             out = torch.cat(parts)
             ms = (time.perf_counter() - t0) * 1e3 / n
@@ -101,10 +101,6 @@ def evaluate_edits(args: argparse.Namespace) -> dict[str, Any]:
     grid_rows = "masked input, inpainted (2 steps), 7x7 input, super-resolved (2 steps), truth"
     return {"num_samples": n, "seed": args.seed, "checkpoint": str(args.checkpoint), "rows": rows,
             "grid_rows": grid_rows}  # fmt: skip
-
-
-def _rows(c: Constraint, s: slice) -> Constraint:
-    return Constraint(c.ref[s], c.keep[s], c.patch[s], c.from_ref[s], c.luma[s], c.patches)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -366,6 +366,8 @@ async def _start(st: ServerState) -> None:
         st.metrics.max_batch.set(max_batch)
         batcher: Batcher
         if s.batching == "step":
+            # a model's rows in flight never exceed its step runner's buffers (the largest bucket)
+            limits = {n: min(b, engine.models[n].stepper.capacity) for n, b in limits.items()}  # type: ignore[union-attr]
             batcher = StepBatcher(
                 engine.step_rows,
                 engine.step,

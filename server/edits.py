@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from models.editing import RowEdit, patch_sizes
 from models.interface import ModelInfo
 from server.deps import ApiError, ServerState
-from server.generate import parse_body, read_json, ready_engine, serve, validate
+from server.generate import json_response, parse_body, read_json, ready_engine, serve, validate
 from server.schemas import MAX_SEED, JsonInt
 
 
@@ -251,8 +251,9 @@ async def images_edits(request: Request, st: ServerState) -> Any:
         for i, p in enumerate(served.pngs)
     ]
     st.metrics.edits.labels(sm.name, ereq.mode).inc(req.n)
-    return _json({"created": int(time.time()), "model": sm.name, "mode": ereq.mode, "steps": served.steps,
-                  "data": data, "timings_ms": served.timings.model_dump()})  # fmt: skip
+    body = {"created": int(time.time()), "model": sm.name, "mode": ereq.mode, "steps": served.steps,
+            "data": data, "timings_ms": served.timings.model_dump()}  # fmt: skip
+    return json_response(body)
 
 
 async def images_interpolations(request: Request, st: ServerState) -> Any:
@@ -277,12 +278,6 @@ async def images_interpolations(request: Request, st: ServerState) -> Any:
         return served
     data = [{"b64_json": base64.b64encode(p).decode(), "alpha": a} for p, a in zip(served.pngs, alphas)]
     st.metrics.edits.labels(sm.name, "interpolate").inc(req.n)
-    return _json({"created": int(time.time()), "model": sm.name, "steps": served.steps,
+    return json_response({"created": int(time.time()), "model": sm.name, "steps": served.steps,
                   "seed": ireq.seed, "seed_b": ireq.seed_b, "data": data,
                   "timings_ms": served.timings.model_dump()})  # fmt: skip
-
-
-def _json(body: dict[str, Any]) -> Response:
-    import json
-
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")

@@ -281,7 +281,7 @@ class Engine:
         m = self.get(model)
         noise = self.make_noise(steps, seeds, model, edits)
         sched = list(m.card.schedules[steps])
-        _, times = batch_constraint(m.card, steps, edits) if edits else (None, None)
+        constraint, times = batch_constraint(m.card, steps, edits) if edits else (None, None)
         evals = steps if m.card.kind == "consistency" else len(sched) - 1
         return [
             StepRow(
@@ -290,7 +290,7 @@ class Engine:
                 noise=noise[:, k],
                 times=sched if times is None else times[:, k].tolist(),
                 evals=evals,
-                edit=edits[k] if edits else None,
+                constraint=None if constraint is None else constraint.rows(slice(k, k + 1)),
             )
             for k, lab in enumerate(labels)
         ]

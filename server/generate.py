@@ -56,6 +56,11 @@ async def read_json(request: Request) -> dict[str, Any]:
     return obj
 
 
+def json_response(body: dict[str, Any]) -> Response:
+    """A compact JSON answer, serialized once (no response model validating it again)."""
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+
 def parse_body(schema: type[M], obj: dict[str, Any], status: int = 422) -> M:
     """`obj` validated by `schema`, or `status` naming the first field at fault and listing all."""
     try:

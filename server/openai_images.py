@@ -11,7 +11,6 @@ the served models. cmserve's own fields (`seed`, `steps`, `class_label`,
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 from typing import Annotated, Any, Literal
@@ -22,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from server.deps import ApiError, ServerState
 from server.errors import request_id_of
-from server.generate import parse_body, read_json, ready_engine, serve, served_model, validate
+from server.generate import json_response, parse_body, read_json, ready_engine, serve, served_model, validate
 from server.schemas import MAX_SEED, JsonInt
 
 log = logging.getLogger("cmserve.openai")
@@ -134,4 +133,4 @@ async def images_generations(request: Request, st: ServerState) -> Any:
         for i, png in enumerate(served.pngs)
     ]
     body = {"created": int(time.time()), "data": data, "model": card.name, "steps": served.steps}
-    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+    return json_response(body)

@@ -81,10 +81,8 @@ class Slot:
     def clean(self, schedule: torch.Tensor) -> None:
         """Every row back to plain sampling on the model's schedule [S]."""
         if self.edit is not None:
-            self.edit.keep.zero_()
-            self.edit.patch.zero_()
-            self.edit.from_ref.zero_()
-            self.edit.luma.zero_()
+            for buf in self.edit.buffers():
+                buf.zero_()
             self.times.copy_(schedule[:, None].expand_as(self.times))
         self.dirty = False
 
@@ -203,8 +201,8 @@ class SamplerRunner:
         if times is not None:
             slot.times[:, :n].copy_(times[:, rows], non_blocking=True)
         if edit is not None:
-            for name in ("ref", "keep", "patch", "from_ref", "luma"):
-                getattr(slot.edit, name)[:n].copy_(getattr(edit, name)[rows], non_blocking=True)
+            for buf, src in zip(slot.edit.buffers(), edit.rows(rows).buffers()):
+                buf[:n].copy_(src, non_blocking=True)
 
     def run(
         self,

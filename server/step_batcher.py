@@ -184,8 +184,7 @@ class StepBatcher(Batcher):
             f = flight
             f.done += 1
             self._in_flight[model] -= 1
-            if not row.finite:
-                self._forget(f)
+            if not row.finite:  # its rows still in flight leave at the next evaluation (_abandoned)
                 log.error("%s: image %d of request %s came out non-finite", model, i, job.request_id)
                 self.metrics.batch_failures.labels("nonfinite").inc()
                 if not job.future.done():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.editing import Constraint, RowEdit, batch_constraint
+from models.editing import Constraint
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_step, ode_step
 from server.metrics import Metrics
@@ -37,7 +37,7 @@ class StepRow:
     noise: torch.Tensor
     times: list[float]
     evals: int  # network evaluations it needs: its step count
-    edit: RowEdit | None = None
+    constraint: Constraint | None = None  # its edit, as a 1-row Constraint (None: plain)
     i: int = 0  # the step it is on
     pos: int = -1  # its row in the buffers
 
@@ -93,8 +93,7 @@ class StepRunner:
         state, z, t, s, first, labels, out = (
             self.state[:b], self.z[:b], self.t[:b], self.s[:b], self.first[:b], self.labels[:b], self.out[:b]
         )  # fmt: skip
-        e = self.edit
-        edit = Constraint(e.ref[:b], e.keep[:b], e.patch[:b], e.from_ref[:b], e.luma[:b], e.patches)
+        edit = self.edit.rows(slice(0, b))
 
         @torch.inference_mode()
         def fn() -> None:
@@ -129,24 +128,26 @@ class StepRunner:
     def free(self) -> int:
         return self.capacity - len(self.rows)
 
-    def _place(self, row: StepRow, pos: int) -> None:
-        """Write a joining row's per-row constants (label, constraint) at `pos`."""
-        row.pos = pos
-        self.labels[pos] = row.label
-        c = None
-        if row.edit is not None and row.edit.mode != "interpolate":
-            c, _ = batch_constraint(self.card, row.evals, [row.edit])
-        for name in ("ref", "keep", "patch", "from_ref", "luma"):
-            buf = getattr(self.edit, name)
-            if c is None:
-                buf[pos].zero_()
-            else:
-                buf[pos].copy_(getattr(c, name)[0])
+    def _place(self, joining: list[StepRow]) -> None:
+        """Give joining rows the places after the rows in flight, and write their per-row
+        constants (labels, constraints) there: one host->device copy per buffer."""
+        start, k = len(self.rows), len(joining)
+        for j, row in enumerate(joining):
+            row.pos = start + j
+        place = slice(start, start + k)
+        self.labels[place].copy_(torch.tensor([r.label for r in joining]), non_blocking=True)
+        if all(r.constraint is None for r in joining):
+            for buf in self.edit.buffers():
+                buf[place].zero_()
+            return
+        empty = Constraint.empty(1, self.image_shape)
+        rows = [(r.constraint or empty).buffers() for r in joining]
+        for f, buf in enumerate(self.edit.buffers()):
+            buf[place].copy_(torch.cat([r[f] for r in rows]), non_blocking=True)
 
     def _move(self, src: int, dst: int) -> None:
         """Row `src`'s buffers into row `dst` (compaction)."""
-        edit = (getattr(self.edit, n) for n in ("ref", "keep", "patch", "from_ref", "luma"))
-        for buf in (self.state, self.labels, *edit):
+        for buf in (self.state, self.labels, *self.edit.buffers()):
             buf[dst].copy_(buf[src])
 
     def _remove(self, row: StepRow) -> None:
@@ -170,9 +171,9 @@ class StepRunner:
         -> (the rows that finished with it, rows evaluated)."""
         if len(joining) > self.free:
             raise ValueError(f"{len(joining)} rows joining, {self.free} free")
-        for row in joining:
-            self._place(row, len(self.rows))
-            self.rows.append(row)
+        if joining:
+            self._place(joining)
+            self.rows += joining
         n = len(self.rows)
         if n == 0:
             return [], 0

@@ -93,3 +93,12 @@ async def test_edits_and_disconnects_in_step_mode(tiny_ckpt: Path) -> None:
         assert r.status_code == 504
         await asyncio.sleep(0.3)
         assert app.state.cm.batcher.snapshot()["rows_in_flight"].get("teacher", 0) == 0
+
+
+async def test_a_max_batch_above_the_largest_bucket_is_held_to_it(tiny_ckpt: Path) -> None:
+    """Rows in flight never exceed the step runner's buffers, whatever --max-batch-size says."""
+    s = Settings(checkpoint=str(tiny_ckpt), buckets=[1, 2], max_batch_size=8, batching="step")  # type: ignore[arg-type]
+    async with app_client(s) as (c, app):
+        rs = await asyncio.gather(*(c.post("/v1/generate", json={"seed": i, "n": 2}) for i in range(5)))
+        assert [r.status_code for r in rs] == [200] * 5
+        assert app.state.cm.batcher.limit(app.state.cm.engine.default) == 2
