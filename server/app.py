@@ -16,10 +16,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import edits, openai_images
+from server import openapi as openapi_doc
 from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
 from server.engine import Engine, ServedModel
@@ -29,8 +31,6 @@ from server.generate import generate as handle_generate
 from server.metrics import Metrics
 from server.ops_listener import OpsServer
 from server.schemas import (
-    ErrorResponse,
-    GenerateRequest,
     GenerateResponse,
     HealthResponse,
     ModelCardResponse,
@@ -41,11 +41,6 @@ from server.step_batcher import StepBatcher
 
 log = logging.getLogger("cmserve.app")
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 406, 413, 415, 422, 429, 500, 503, 504)
-}
 
 
 def create_app(settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> FastAPI:
@@ -78,7 +73,11 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         if st.engine is not None:
             st.engine.close(wait=False)  # a batch still running finishes
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served here, not from a CDN
+        docs_url="/docs",
+        redoc_url="/redoc",
+        static_url="/docs/assets",
+        swagger_ui_parameters={"persistAuthorization": True},
         redirect_slashes=False,  # "/v1/generate/" is not a route: 404, not a redirect
         title="cmserve",
         version="0.1.0",
@@ -170,7 +169,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     async def metrics_route(st: State) -> Response:
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[Depends(require_key)])
+    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)])
     async def models(st: State) -> Any:
         if st.engine is None:
             raise ApiError(503, "model is loading", code="not_ready")
@@ -180,13 +179,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     @app.post(
         "/v1/generate",
         response_model=GenerateResponse,
-        responses={
-            **ERRORS,
-            200: {
-                "content": {"image/png": {}},
-                "description": "JSON, or PNG bytes when `Accept: image/png` and n = 1",
-            },
-        },
+        responses={200: {"description": "JSON, or the PNG itself when `Accept: image/png` and n = 1"}},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -202,7 +195,6 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @app.post(
         "/v1/images/generations",
-        responses={**ERRORS, 404: {"model": ErrorResponse, "description": "model not served here"}},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -217,7 +209,6 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @app.post(
         "/v1/images/edits",
-        responses={**ERRORS, 404: {"model": ErrorResponse, "description": "model not served here"}},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -236,7 +227,6 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @app.post(
         "/v1/images/interpolations",
-        responses={**ERRORS, 404: {"model": ErrorResponse, "description": "model not served here"}},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -251,72 +241,15 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
         check_key(request, st)
         return await edits.images_interpolations(request, st)
 
-    # make the request bodies appear in components/schemas for the openapi_extra references
-    _orig_openapi = app.openapi
+    base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = _orig_openapi()
-            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
-            for body in (
-                GenerateRequest,
-                openai_images.ImagesRequest,
-                edits.EditRequest,
-                edits.InterpolationRequest,
-            ):
-                req = body.model_json_schema(ref_template="#/components/schemas/{model}")
-                _limit_schema(req, st)
-                schemas[body.__name__] = req
-        return app.openapi_schema  # type: ignore[return-value]
+            app.openapi_schema = openapi_doc.build(base_openapi(), st)
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
-
-
-def _json_schema_bounds(node: Any) -> None:
-    """pydantic leaves constraints that follow a before-validator as raw ge/le/gt/lt keys;
-    rename them to the JSON Schema keywords clients understand."""
-    if isinstance(node, dict):
-        for k in [k for k in node if k in _BOUNDS]:
-            node[_BOUNDS[k]] = node.pop(k)
-        for v in node.values():
-            _json_schema_bounds(v)
-    elif isinstance(node, list):
-        for v in node:
-            _json_schema_bounds(v)
-
-
-def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
-    """Write the limits of this server and its model into the request schema, so clients (and
-    schemathesis) see exactly what is accepted: n up to max_images_per_request, the model's
-    classes and step counts."""
-    _json_schema_bounds(req)
-    props = req["properties"]
-    props["n" if "n" in props else "frames"]["maximum"] = st.settings.max_images_per_request
-    if st.engine is None:
-        return
-    # with several models, what any of them accepts (the route checks the named one)
-    cards = [m.card for m in st.engine.models.values()]
-    for alt in props["class_label"].get("anyOf", []):
-        if alt.get("type") == "integer":
-            alt["maximum"] = max(c.num_classes for c in cards) - 1
-    props["steps"].pop("maximum", None)
-    props["steps"].pop("minimum", None)
-    props["steps"]["enum"] = sorted({s for c in cards for s in c.steps})
-    props["model"] = {"anyOf": [{"type": "string", "enum": [c.name for c in cards]}, {"type": "null"}]}
-    if "prompt" in props and all(c.class_names for c in cards):
-        # the OpenAI body: only a prompt some model accepts is schema-valid
-        prompts = [p for c in cards for p in openai_images.accepted_prompts(c.class_names)]
-        props["prompt"] = {**props["prompt"], "enum": list(dict.fromkeys(prompts))}
-        props["prompt"].pop("minLength", None)
-        props["prompt"].pop("maxLength", None)
-    if "size" in props:
-        sizes = list(dict.fromkeys(f"{c.image_size}x{c.image_size}" for c in cards))
-        for key, only in (("size", sizes), ("response_format", ["b64_json"])):
-            props[key] = {"anyOf": [{"type": "string", "enum": only}, {"type": "null"}]}
 
 
 def model_card(m: ServedModel, default: bool) -> ModelCardResponse:

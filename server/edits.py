@@ -27,7 +27,7 @@ from models.editing import RowEdit, patch_sizes
 from models.interface import ModelInfo
 from server.deps import ApiError, ServerState
 from server.generate import json_response, parse_body, read_json, ready_engine, serve, validate
-from server.schemas import MAX_SEED, JsonInt
+from server.schemas import MAX_SEED, TIMEOUT_HELP, JsonInt, Seconds
 
 
 class EditRequest(BaseModel):
@@ -55,11 +55,14 @@ class EditRequest(BaseModel):
     seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = None
     steps: JsonInt | None = Field(None, ge=1, le=64)
     response_format: Literal["b64_json"] = "b64_json"
-    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = None
+    timeout_s: Seconds | None = Field(None, description=TIMEOUT_HELP)
 
 
 class InterpolationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"seed": 1, "seed_b": 2, "frames": 5, "class_label": 4}]},
+    )
 
     seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] = Field(..., description="The first frame's seed.")
     seed_b: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] = Field(..., description="The last frame's seed.")
@@ -67,7 +70,7 @@ class InterpolationRequest(BaseModel):
     model: str | None = Field(None, max_length=128)
     class_label: Annotated[JsonInt, Field(ge=0)] | None = None
     steps: JsonInt | None = Field(None, ge=1, le=64)
-    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = None
+    timeout_s: Seconds | None = Field(None, description=TIMEOUT_HELP)
 
 
 FORM_NUMBERS = {

@@ -21,7 +21,7 @@ from server.metrics import Metrics
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 KNOWN_ROUTES = {
     "/v1/generate", "/v1/images/generations", "/v1/images/edits", "/v1/images/interpolations",
-    "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
+    "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json",
 }  # fmt: skip
 
 ERROR_TYPES = {

@@ -86,6 +86,13 @@ def served_model(engine: Engine, name: str | None) -> ServedModel:
         ) from None
 
 
+def _above(param: str, limit: float) -> ApiError:
+    """A bound of this server (not of the schema's types), worded and coded as pydantic's own."""
+    return ApiError(
+        422, f"{param}: Input should be less than or equal to {limit:g}", param=param, code="invalid_value"
+    )
+
+
 def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[GenerateRequest, ServedModel]:
     """Schema and model/settings limits (422 naming the field, 404 for an unknown model);
     `steps` resolved from the model's card."""
@@ -114,10 +121,9 @@ def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[Gene
     if req.steps not in card.schedules:
         raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
     if req.n > st.settings.max_images_per_request:  # worded and coded as the schema's own bounds
-        limit = st.settings.max_images_per_request
-        raise ApiError(
-            422, f"n: Input should be less than or equal to {limit}", param="n", code="invalid_value"
-        )
+        raise _above("n", st.settings.max_images_per_request)
+    if req.timeout_s is not None and req.timeout_s > st.settings.max_timeout_s:
+        raise _above("timeout_s", st.settings.max_timeout_s)
     req.model = card.name
     return req, sm
 
@@ -148,7 +154,9 @@ def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
                 422, "x-request-timeout: Input should be greater than 0", param="x-request-timeout",
                 code="invalid_value",
             )  # fmt: skip
-    return min(float(t) if t is not None else s.default_timeout_s, s.max_timeout_s)
+        if t > s.max_timeout_s:
+            raise _above("x-request-timeout", s.max_timeout_s)
+    return float(t) if t is not None else s.default_timeout_s
 
 
 async def _watch_disconnect(request: Request, job: Job) -> None:

@@ -17,12 +17,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.deps import ApiError, ServerState
 from server.errors import request_id_of
 from server.generate import json_response, parse_body, read_json, ready_engine, serve, served_model, validate
-from server.schemas import MAX_SEED, JsonInt
+from server.schemas import MAX_SEED, TIMEOUT_HELP, JsonInt, Seconds
 
 log = logging.getLogger("cmserve.openai")
 
@@ -36,7 +36,10 @@ class ImagesRequest(BaseModel):
     """OpenAI's `images.generate` body, as far as a class-conditional few-step model can honour
     it, plus cmserve's own fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "seven", "n": 2}, {"prompt": "3", "steps": 4}]},
+    )
 
     prompt: str = Field(
         ..., min_length=1, max_length=1000, description="The class: index, name or number word."
@@ -56,7 +59,7 @@ class ImagesRequest(BaseModel):
     class_label: Annotated[JsonInt, Field(ge=0)] | None = Field(
         None, description="The class by index; when given, the prompt is not read."
     )
-    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = None
+    timeout_s: Seconds | None = Field(None, description=TIMEOUT_HELP)
 
 
 def accepted_prompts(class_names: tuple[str, ...]) -> list[str]:
@@ -118,13 +121,13 @@ async def images_generations(request: Request, st: ServerState) -> Any:
     }
     try:
         req, _ = validate({k: v for k, v in fields.items() if v is not None}, st, engine)
+        if oreq.user:
+            log.info("images.generations request %s for user %r", request_id_of(request.scope), oreq.user)
+        served = await serve(request, st, req, t_arrive)  # 422 there: a bad x-request-timeout
     except ApiError as e:
         if e.status != 422:
             raise
         raise ApiError(400, e.message, param=e.param, code=e.code, headers=e.headers) from None
-    if oreq.user:
-        log.info("images.generations request %s for user %r", request_id_of(request.scope), oreq.user)
-    served = await serve(request, st, req, t_arrive)
     if isinstance(served, Response):
         return served
     revised = card.class_names[label] if label is not None and label < card.num_classes else ""

@@ -26,11 +26,13 @@ def _json_int(v: Any) -> Any:
 
 JsonInt = Annotated[StrictInt, BeforeValidator(_json_int)]
 MAX_SEED = 2**62  # seed + i stays well inside int64 for any n
+# A deadline in seconds; its upper bound is the server's `max_timeout_s` (checked in the route and
+# written into the served OpenAPI schema), so it is not fixed here.
+Seconds = Annotated[StrictFloat | StrictInt, Field(gt=0)]
+TIMEOUT_HELP = "Deadline in seconds, at most the server's max_timeout_s; 504 when it passes."
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
     model: str | None = Field(
         None, max_length=128, description="Served model's id (GET /v1/models); omitted = the default model."
     )
@@ -51,8 +53,16 @@ class GenerateRequest(BaseModel):
         "(`default_steps` in /v1/models).",
     )
     response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNGs in JSON for now.")
-    timeout_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=3600)] | None = Field(
-        None, description="Deadline in seconds (capped by the server's max); 504 when it passes."
+    timeout_s: Seconds | None = Field(None, description=TIMEOUT_HELP)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"class_label": 7, "n": 4, "steps": 2},
+                {"class_label": 3, "seed": 1234, "timeout_s": 5},
+            ]
+        },
     )
 
 

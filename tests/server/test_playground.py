@@ -72,3 +72,37 @@ def test_playground_can_be_switched_off(tiny_ckpt: Path, tmp_path: Path) -> None
         page = httpx.get(sp.url + "/")
         assert page.status_code == 200 and "cmserve playground" in page.text
         assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+
+
+def test_api_docs_render_offline_with_authorize(browser, tiny_ckpt: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """/docs (Swagger UI) in a browser that may reach nothing but this server: every operation
+    is listed, and Authorize with a key makes "Try it out" requests that pass the key check."""
+    env = {"CMSERVE_API_KEYS": "k1"}
+    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1", tmp=tmp_path, env=env) as sp:
+        page = browser.new_page()
+        elsewhere: list[str] = []
+
+        def only_here(route) -> None:  # type: ignore[no-untyped-def]
+            if route.request.url.startswith(sp.url):
+                route.continue_()
+            else:
+                elsewhere.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", only_here)
+        page.goto(sp.url + "/docs")
+        page.wait_for_selector(".opblock-summary-path")
+        paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.dataset.path)")
+        assert {"/v1/generate", "/v1/images/edits", "/v1/models", "/healthz"} <= set(paths), paths
+        assert elsewhere == []
+        page.click("button.authorize")
+        page.fill(".auth-container input", "k1")
+        page.click(".auth-btn-wrapper button.authorize")
+        page.click("button.btn-done")
+        # "Try it out" on GET /v1/models: the browser sends the key and gets the model list
+        page.click("#operations-default-models_v1_models_get .opblock-summary")
+        page.click("#operations-default-models_v1_models_get .try-out__btn")
+        with page.expect_response(lambda r: r.url.endswith("/v1/models")) as answer:
+            page.click("#operations-default-models_v1_models_get .execute")
+        assert answer.value.status == 200 and answer.value.request.headers["authorization"] == "Bearer k1"
+        assert answer.value.json()["data"][0]["id"]
