@@ -42,6 +42,7 @@ class ModelCard:
     schedules: dict[int, tuple[float, ...]]
     provenance: dict[str, Any] = field(default_factory=dict)
     default_steps: int | None = None  # what a request without `steps` gets (ModelInfo.steps_default)
+    guidance: float = 1.0  # a diffusion teacher's classifier-free guidance scale when served
 
     @property
     def steps(self) -> list[int]:
@@ -75,6 +76,7 @@ class ModelCard:
             "sigma_d": self.sigma_d,
             "schedules": {str(k): list(v) for k, v in sorted(self.schedules.items())},
             **({} if self.default_steps is None else {"default_steps": self.default_steps}),
+            **({} if self.guidance == 1.0 else {"guidance": self.guidance}),
             "provenance": self.provenance,
             "weights": {"file": weights_file, "sha256": sha256},
         }
@@ -155,6 +157,9 @@ def parse_card(raw: dict[str, Any], where: str) -> tuple[ModelCard, dict[str, An
     default_steps = raw.get("default_steps")
     if default_steps is not None and (isinstance(default_steps, bool) or default_steps not in schedules):
         raise CheckpointError(f"{where}: default_steps {default_steps!r} is not one of {sorted(schedules)}")
+    guidance = raw.get("guidance", 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 20:
+        raise CheckpointError(f"{where}: guidance must be a number in [0, 20], got {guidance!r}")
     card = ModelCard(
         name,
         kind,
@@ -164,6 +169,7 @@ def parse_card(raw: dict[str, Any], where: str) -> tuple[ModelCard, dict[str, An
         schedules,
         prov if isinstance(prov, dict) else {},
         default_steps,
+        float(guidance),
     )
     return card, weights
 
@@ -211,4 +217,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     net.load_state_dict(tensors)
     model = TrigFlow(net, card.sigma_d).to(device).eval()
     model.requires_grad_(False)
+    model.guidance = card.guidance
     return model, card

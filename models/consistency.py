@@ -65,6 +65,7 @@ class TrigFlow(nn.Module):
         self.net = net
         self.sigma_d = sigma_d
         self.compute_dtype = torch.float32
+        self.guidance = 1.0  # the scale a diffusion teacher's ODE is sampled with (its card's)
 
     def cast_network(self, dtype: torch.dtype) -> TrigFlow:
         """Cast F's weights to `dtype` once (at load), so no forward re-casts them. Only F runs in
@@ -89,6 +90,10 @@ class TrigFlow(nn.Module):
         v = self.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
         v_cond, v_null = v.chunk(2)
         return v_null + w * (v_cond - v_null)
+
+    def ode_velocity(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The velocity the served ODE sampler follows: guided at the card's scale."""
+        return self.guided_velocity(x_t, t, y, self.guidance)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """f(x_t, t, y): the consistency function, also the diffusion model's x0 estimate."""

@@ -267,6 +267,8 @@ def model_card(m: ServedModel, default: bool) -> ModelCardResponse:
         time=c.time_name,
         supported_steps=c.steps,
         default_steps=c.steps_default,
+        tiers={t.name: {"model": t.model, "steps": t.steps} for t in m.tiers},
+        accept_check=m.scorer is not None,
         schedules={str(k): list(v) for k, v in c.schedules.items()},
         provenance=c.provenance,
     )
@@ -311,6 +313,8 @@ async def _start(st: ServerState) -> None:
                 max_queue_images=s.max_queue_images,
                 executor=engine.executor,
                 tenant_share=s.key_queue_share,
+                batch_share=s.batch_queue_share,
+                score_fn=engine.score,
             )
         else:
             batcher = Batcher(
@@ -322,6 +326,8 @@ async def _start(st: ServerState) -> None:
                 max_wait_s=s.max_wait_ms / 1000.0,
                 executor=engine.executor,
                 tenant_share=s.key_queue_share,
+                batch_share=s.batch_queue_share,
+                score_fn=engine.score,
             )
         st.batcher = batcher
         batcher.start()

@@ -11,6 +11,10 @@
 - The sampler runs on the engine's compute thread (or a private one), so the event loop keeps
   answering while a batch runs.
 - A batch that raises fails only its own requests (`BatchFailed`); the loop carries on.
+- Priority: `batch` jobs run only while no `interactive` job waits, and are refused (429) once
+  the queue holds `batch_share` of its bound. Background tasks (shadow sampling) run one slice
+  at a time, only while no job waits at all.
+- `score_fn` (the accept check) runs on the compute thread right after each batch, over it all.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ log = logging.getLogger("cmserve.batcher")
 # (steps, labels per image, seeds per image, model name, edits per image or None) -> uint8 images
 # [B, H, W, C]; runs on the worker thread.
 RunBatch = Callable[[int, list[int | None], list[int], str, list[Any] | None], np.ndarray]
+# (model name, uint8 images [B, H, W, C], labels) -> scores [B] in [0, 1], or None (no scorer)
+ScoreFn = Callable[[str, np.ndarray, list[int | None]], np.ndarray | None]
+# One slice of background work on the compute thread -> True once the task is finished.
+Background = Callable[[], bool]
+PRIORITIES = ("interactive", "batch")
 
 
 class QueueFull(Exception):
@@ -69,6 +78,7 @@ class Job:
     model: str = ""  # the served model's name ("" where the batcher serves one model)
     tenant: str = ""  # whose queue share it counts against (the API key)
     edits: list[Any] | None = None  # one per image (models.editing.RowEdit), None = plain generation
+    priority: str = "interactive"  # one of PRIORITIES
     enqueued: float = field(default_factory=time.monotonic)
     client_gone: bool = False
 
@@ -88,6 +98,7 @@ class JobResult:
     queue_s: float
     compute_s: float
     batch_images: int
+    scores: np.ndarray | None = None  # [n] accept-check scores, None where the model has no scorer
 
 
 class Batcher:
@@ -102,8 +113,16 @@ class Batcher:
         max_wait_s: float = 0.0,
         executor: Executor | None = None,
         tenant_share: float = 1.0,
+        batch_share: float = 1.0,
+        score_fn: ScoreFn | None = None,
+        max_background: int = 64,
     ) -> None:
         self.run_batch = run_batch
+        self.score_fn = score_fn
+        # most images priority=batch jobs may fill the queue with
+        self.batch_limit = max(1, math.floor(batch_share * max_queue_images))
+        self._background: deque[Background] = deque()
+        self.max_background = max_background
         # most images one tenant may have queued (1.0: no cap beyond the queue's own)
         self.tenant_limit = max(1, math.floor(tenant_share * max_queue_images))
         self._tenant_images: dict[str, int] = {}
@@ -123,6 +142,7 @@ class Batcher:
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="cmserve-batcher")
         self._task: asyncio.Task[None] | None = None
         self._batch_s = 0.05  # EWMA of batch wall time, for Retry-After
+        self._key_s: dict[tuple[str, int], float] = {}  # EWMA of batch wall time per (model, steps)
         self.batches_run = 0
         metrics.queue_limit.set(max_queue_images)
 
@@ -132,6 +152,8 @@ class Batcher:
         already holds its share of it (then Retry-After is from its own images queued)."""
         if self._queued_images + job.n > self.max_queue_images:
             raise QueueFull(self.retry_after())
+        if job.priority == "batch" and self._queued_images + job.n > self.batch_limit:
+            raise QueueFull(self.retry_after(), reason="batch_queue_share")
         held = self._tenant_images.get(job.tenant, 0)
         if job.tenant and held + job.n > self.tenant_limit:
             raise QueueFull(self.retry_after(held), reason="key_queue_share")
@@ -148,6 +170,33 @@ class Batcher:
         queued = self._queued_images if images is None else images
         batches = math.ceil((queued + 1) / self.max_batch_size) + 1
         return max(1, math.ceil(batches * self._batch_s))
+
+    def predict_s(self, model: str, steps: int) -> float:
+        """Seconds a request for (model, steps) queued now would likely take to answer: the
+        interactive batches ahead of it, then its own (recent batch times)."""
+        ahead = sum(j.n for j in self._pending if j.priority != "batch")
+        own = self._key_s.get((model, steps), self._batch_s)
+        return math.ceil(ahead / self.limit(model)) * self._batch_s + own
+
+    def submit_background(self, task: Background) -> bool:
+        """Queue background work (run a slice at a time while no job waits); False when
+        `max_background` tasks already wait (the task is dropped)."""
+        if len(self._background) >= self.max_background:
+            return False
+        self._background.append(task)
+        self._wakeup.set()
+        return True
+
+    async def _run_background(self) -> None:
+        """One slice of the oldest background task on the compute thread."""
+        task = self._background.popleft()
+        try:
+            done = await asyncio.get_running_loop().run_in_executor(self._executor, task)
+        except Exception:
+            log.exception("background task failed; dropped")
+            return
+        if not done:
+            self._background.appendleft(task)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,6 +225,7 @@ class Batcher:
         for job in in_flight:
             if not job.future.done():
                 job.future.set_exception(Draining())
+        self._background.clear()
         self._queued_images = 0
         self._tenant_images.clear()
         self._update_gauges()
@@ -215,11 +265,18 @@ class Batcher:
     def limit(self, model: str) -> int:
         return self.model_max_batch.get(model, self.max_batch_size)
 
+    def _waiting(self) -> list[Job]:
+        """The jobs that may run next, oldest first: the interactive ones, or, when none waits,
+        the batch-priority ones."""
+        interactive = [j for j in self._pending if j.priority != "batch"]
+        return interactive or list(self._pending)
+
     def _select(self) -> list[Job]:
         """Oldest job's model and step count; then later jobs of those, in order, while they fit."""
-        first = self._pending[0]
+        waiting = self._waiting()
+        first = waiting[0]
         batch, images, limit = [first], first.n, self.limit(first.model)
-        for job in list(self._pending)[1:]:
+        for job in waiting[1:]:
             if job.key != first.key:
                 continue
             if images + job.n > limit:
@@ -229,21 +286,25 @@ class Batcher:
         return batch
 
     def _fillable(self) -> int:
-        first = self._pending[0]
-        return sum(j.n for j in self._pending if j.key == first.key)
+        waiting = self._waiting()
+        return sum(j.n for j in waiting if j.key == waiting[0].key)
 
     async def _loop(self) -> None:
         while True:
             if not self._pending:
                 self._idle.set()
+                if self._background:
+                    await self._run_background()
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             self._prune()
             if not self._pending:
                 continue
-            if self.max_wait_s > 0 and self._fillable() < self.limit(self._pending[0].model):
-                left = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
+            first = self._waiting()[0]
+            if self.max_wait_s > 0 and self._fillable() < self.limit(first.model):
+                left = first.enqueued + self.max_wait_s - time.monotonic()
                 if left > 0:
                     self._wakeup.clear()
                     try:
@@ -271,11 +332,9 @@ class Batcher:
         self._running = batch
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(
-                self._executor, self.run_batch, steps, labels, seeds, model, edits
+            images, scores = await loop.run_in_executor(
+                self._executor, self._run_and_score, steps, labels, seeds, model, edits
             )
-            if images.shape[0] != len(seeds):
-                raise RuntimeError(f"batch returned {images.shape[0]} images for {len(seeds)} requested")
         except Exception as e:  # one bad batch fails its own requests only
             reason = getattr(e, "reason", "exception")
             ids = [j.request_id for j in batch]
@@ -298,15 +357,28 @@ class Batcher:
             i = 0
             for job in batch:
                 if not job.future.done():
+                    own = None if scores is None else scores[i : i + job.n]
                     job.future.set_result(
-                        JobResult(images[i : i + job.n], started - job.enqueued, compute_s, len(seeds))
+                        JobResult(images[i : i + job.n], started - job.enqueued, compute_s, len(seeds), own)
                     )
                 i += job.n
         finally:
             elapsed = time.monotonic() - started
             self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+            key = (model, steps)
+            self._key_s[key] = 0.8 * self._key_s.get(key, elapsed) + 0.2 * elapsed
             self._running = []
             self.batches_run += 1
+
+    def _run_and_score(
+        self, steps: int, labels: list[int | None], seeds: list[int], model: str, edits: list[Any] | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """On the compute thread: the batch, then its accept check."""
+        images = self.run_batch(steps, labels, seeds, model, edits)
+        if images.shape[0] != len(seeds):
+            raise RuntimeError(f"batch returned {images.shape[0]} images for {len(seeds)} requested")
+        scores = self.score_fn(model, images, labels) if self.score_fn is not None else None
+        return images, scores
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,13 @@ from pydantic import ValidationError
 ENV_ONLY = {"api_keys"}  # secrets: from the environment or a file, never a flag that `ps` shows
 
 
+REPEATABLE = {
+    "models": ("--model", "NAME=PATH"),
+    "scorers": ("--scorer", "MODEL=SCORER"),
+    "references": ("--reference", "MODEL=REFERENCE"),
+}
+
+
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
     from server.settings import Settings
 
@@ -30,8 +37,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         if isinstance(default, list):
             default = ",".join(map(str, default))
         help_ = f"{f.description} [env {env}; default {default!r}]"
-        if name == "models":  # one flag per model, repeatable; the variable holds a comma list
-            p.add_argument("--model", dest=name, action="append", metavar="NAME=PATH", help=help_)
+        if name in REPEATABLE:  # one flag per item, repeatable; the variable holds a comma list
+            flag, metavar = REPEATABLE[name]
+            p.add_argument(flag, dest=name, action="append", metavar=metavar, help=help_)
         elif f.annotation is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

@@ -250,8 +250,8 @@ async def images_edits(request: Request, st: ServerState) -> Any:
     if isinstance(served, Response):
         return served
     data = [
-        {"b64_json": base64.b64encode(p).decode(), "seed": served.seed + i, "class_label": req.class_label}
-        for i, p in enumerate(served.pngs)
+        {"b64_json": base64.b64encode(p).decode(), "seed": d.seed, "class_label": req.class_label}
+        for p, d in zip(served.pngs, served.drawn, strict=True)
     ]
     st.metrics.edits.labels(sm.name, ereq.mode).inc(req.n)
     body = {"created": int(time.time()), "model": sm.name, "mode": ereq.mode, "steps": served.steps,

@@ -13,12 +13,13 @@ depends on its batch-mates or the device's RNG.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,10 +30,12 @@ from models.editing import RowEdit, batch_constraint, slerp
 from models.interface import ConsistencyModel, ModelInfo
 from models.load import load_model
 from models.placeholder import build_placeholder
+from models.scorers import Scorer, load_scorer
 from server.metrics import Metrics
 from server.runner import SamplerRunner, reserved_bytes
-from server.settings import Settings
+from server.settings import SHIPPED_SCORER, SHIPPED_TEACHER, Settings
 from server.step_runner import Finished, StepRow, StepRunner
+from server.tiers import Tier, ladder
 
 log = logging.getLogger("cmserve.engine")
 T = TypeVar("T")
@@ -62,6 +65,8 @@ class ServedModel:
     weights_bytes: int
     graph_bytes: int = 0
     stepper: StepRunner | None = None  # with --batching step: the per-evaluation runner
+    scorer: Scorer | None = None  # the accept check (models/scorers.py); None = images not scored
+    tiers: list[Tier] = field(default_factory=list)  # quality tiers, cheapest first (server/tiers.py)
 
     @property
     def name(self) -> str:
@@ -109,7 +114,11 @@ class Engine:
         if self.device.type == "cuda":
             dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
         self.models: dict[str, ServedModel] = {}
-        for name, path in settings.model_paths():
+        references = dict(r.split("=", 1) for r in settings.references)
+        scorers = dict(r.split("=", 1) for r in settings.scorers)
+        paths = settings.model_paths()
+        shipped: set[str] = set()  # served names of the shipped models (their default scorer)
+        for name, path in paths:
             placeholder = False
             if path is None:  # the shipped model, unless the package was installed without it
                 path = settings.checkpoint_path()
@@ -118,6 +127,13 @@ class Engine:
                     log.warning("no default checkpoint at %s: serving an UNTRAINED placeholder model", path)
                     path, placeholder = build_placeholder(tmp / "placeholder"), True
             model, card = load_model(path, self.device, name)
+            if not placeholder and path.resolve().parent == SHIPPED_TEACHER.parent:
+                shipped.add(card.name)
+                if card.kind == "consistency" and settings.shipped_reference and SHIPPED_TEACHER.is_file():
+                    teacher = json.loads(SHIPPED_TEACHER.read_text())["name"]
+                    references.setdefault(card.name, teacher)
+                    if all(n != teacher and p != SHIPPED_TEACHER for n, p in paths):
+                        paths.append((None, SHIPPED_TEACHER))  # loaded by this same loop, last
             if card.name in self.models:
                 raise ValueError(f"two models are named {card.name!r}; name them: --model NAME=PATH")
             placeholder = placeholder or bool(card.provenance.get("placeholder"))
@@ -136,13 +152,27 @@ class Engine:
                 stepper = StepRunner(
                     model, card, settings.buckets, self.device, use_graphs=use_graphs, metrics=self.metrics
                 )
-            self.models[card.name] = ServedModel(card, model, runner, placeholder, weights, stepper=stepper)
+            spec = scorers.get(card.name, SHIPPED_SCORER if card.name in shipped else None)
+            scorer = load_scorer(spec, card, self.device) if spec else None
+            self.models[card.name] = ServedModel(
+                card, model, runner, placeholder, weights, stepper=stepper, scorer=scorer
+            )
             self.metrics.model_memory.labels(card.name, "weights").set(weights)
             self.metrics.images.labels(card.name)  # every series exported at 0 from the start
             self.metrics.batch_size.labels(card.name)
             self.metrics.model_info.labels(card.name, card.family, card.kind, str(placeholder).lower()).set(1)
             log.info("model %s: %s family, %s, from %s", card.name, card.family, card.kind, path)
         self.default = next(iter(self.models))
+        for m in self.models.values():
+            ref = references.get(m.name)
+            if ref is not None and ref not in self.models:
+                raise ValueError(f"reference of {m.name!r}: {ref!r} is not served ({sorted(self.models)})")
+            m.tiers = ladder(m.card, self.models[ref].card if ref else None)
+        for spec in (*references, *scorers):
+            if spec not in self.models:
+                raise ValueError(
+                    f"--reference/--scorer name {spec!r}, which is not served ({sorted(self.models)})"
+                )
 
     def get(self, name: str | None = None) -> ServedModel:
         """The model served as `name` (None: the default); UnknownModel if none is."""
@@ -265,6 +295,12 @@ class Engine:
         if not torch.isfinite(x).all():
             raise NonFiniteOutput("sampler output holds non-finite values")
         return self.get(model).card.to_uint8(x)
+
+    def score(self, model: str, images: np.ndarray, labels: list[int | None]) -> np.ndarray | None:
+        """The accept check of `model` over a batch of its served images (uint8 [B, H, W, C]);
+        None where it has no scorer. On the compute thread, right after the batch."""
+        scorer = self.get(model).scorer
+        return None if scorer is None else scorer(images, labels)
 
     # ---- step-level batching (server/step_runner.py) ---------------------------------------
     def step_rows(

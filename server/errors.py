@@ -163,9 +163,15 @@ def validation_errors(errors: list[Any]) -> list[dict[str, str | None]]:
     """pydantic errors -> [{"param", "message"}] for every offending field, in one wording:
     "<field>: <what is wrong>" (pydantic's own phrases, without its "Value error, " prefix)."""
     out = []
+    seen: set[str | None] = set()
     for e in errors:
+        # request bodies are flat: the field is the first part of the location; the rest names
+        # the member of a union that failed ("timeout_s.float"), which says nothing to a client
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        param = loc[0] if loc else None
+        if param in seen:  # one entry per field, the first member's reason
+            continue
+        seen.add(param)
         msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
         if e.get("type") == "extra_forbidden":
             msg = "unknown field"

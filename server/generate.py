@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from models.editing import RowEdit
 from models.grid import png_bytes
-from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
+from server import shadow, tiers
+from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, JobResult, QueueFull
 from server.deps import ApiError, ServerState
 from server.engine import Engine, ServedModel, UnknownModel
 from server.errors import request_id_of, validation_errors
@@ -25,6 +28,7 @@ from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
 from server.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("cmserve.generate")
 
 
 ANSWERS = ("application/json", "image/png", "*/*", "application/*", "image/*")
@@ -116,10 +120,24 @@ def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[Gene
             param="class_label",
             code="unknown_class",
         )
+    if req.quality is not None:
+        if req.steps is not None:
+            raise ApiError(
+                422, "give quality or steps, not both", param="quality", code="invalid_value"
+            )  # fmt: skip
+        names = [t.name for t in sm.tiers]
+        if req.quality not in names:
+            raise ApiError(
+                422, f"model {card.name!r} has no {req.quality!r} tier; its tiers: {names}",
+                param="quality", code="unsupported_tier",
+            )  # fmt: skip
+        req.steps = sm.tiers[names.index(req.quality)].steps
     if req.steps is None:
         req.steps = card.steps_default
-    if req.steps not in card.schedules:
+    if req.quality is None and req.steps not in card.schedules:
         raise ApiError(422, f"steps must be one of {card.steps}", param="steps", code="unsupported_steps")
+    if req.max_attempts is not None and req.max_attempts > st.settings.max_attempts:
+        raise _above("max_attempts", st.settings.max_attempts)
     if req.n > st.settings.max_images_per_request:  # worded and coded as the schema's own bounds
         raise _above("n", st.settings.max_images_per_request)
     if req.timeout_s is not None and req.timeout_s > st.settings.max_timeout_s:
@@ -159,13 +177,15 @@ def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
     return float(t) if t is not None else s.default_timeout_s
 
 
-async def _watch_disconnect(request: Request, job: Job) -> None:
+async def _watch_disconnect(request: Request, jobs: list[Job]) -> None:
     """After the body is read, the next ASGI message is http.disconnect (client gone, or the
-    response was sent): flag the job so the batcher drops it if it has not started."""
+    response was sent): flag the request's jobs (`jobs` grows with its re-rolls) so the batcher
+    drops those that have not started."""
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
-            job.client_gone = True
+            for job in jobs:
+                job.client_gone = True
             return
 
 
@@ -181,11 +201,69 @@ JS_SAFE_SEEDS = 2**53
 
 
 @dataclass
+class Drawn:
+    """One image of a request as it will be served, and how it was drawn."""
+
+    seed: int  # the seed that drew it
+    pos: int  # its rung on the model's tier ladder (-1: steps outside the tiers)
+    model: str
+    steps: int
+    image: np.ndarray | None = None
+    score: float | None = None
+    accepted: bool | None = None
+    attempts: int = 0
+
+
+@dataclass
 class Served:
     pngs: list[bytes]
-    seed: int  # image i's seed is seed + i
+    seed: int  # the request's first seed (image i's own is drawn[i].seed)
     steps: int
     timings: Timings
+    drawn: list[Drawn]
+    tier: str | None = None  # the rung it ran at first
+    requested_tier: str | None = None
+    degraded: bool = False
+
+
+@dataclass
+class Policy:
+    """What a request asks of its accept checks (resolved against the server's settings)."""
+
+    on_reject: str = "return"
+    max_attempts: int = 1
+    threshold: float = 0.9
+
+
+def _policy(req: GenerateRequest, s: Settings) -> Policy:
+    return Policy(
+        req.on_reject or s.on_reject,
+        req.max_attempts or s.max_attempts,
+        s.accept_threshold if req.accept_threshold is None else float(req.accept_threshold),
+    )
+
+
+def _start_rung(req: GenerateRequest, sm: ServedModel, st: ServerState) -> tuple[int, str | None, bool]:
+    """-> (rung the request starts at, the tier it asked for, degraded). Degrades one rung when
+    the latency objective would be missed and the request allows it."""
+    rungs = sm.tiers
+    if req.quality is None:
+        own = [i for i, t in enumerate(rungs) if t.sampler == (sm.name, req.steps)]
+        if not own:
+            return -1, None, False
+        pos = own[-1] if len(own) > 1 and rungs[own[-1]].name == "standard" else own[0]
+    else:
+        pos = [t.name for t in rungs].index(req.quality)
+    asked = rungs[pos].name
+    s, batcher = st.settings, st.batcher
+    allow = s.allow_degrade if req.allow_degrade is None else req.allow_degrade
+    if s.latency_slo_ms > 0 and allow and batcher is not None:
+        rung = rungs[pos]
+        down = tiers.step_down(rungs, pos)
+        if down is not None and batcher.predict_s(rung.model, rung.steps) * 1e3 > s.latency_slo_ms:
+            st.metrics.degraded.labels(sm.name, asked, rungs[down].name).inc()
+            return down, asked, True
+    return pos, asked, False
 
 
 async def serve(
@@ -196,18 +274,19 @@ async def serve(
     edits: list[RowEdit | None] | None = None,
     same_seed: bool = False,
 ) -> Served | Response:
-    """Queue one validated request, wait for it (deadline, disconnect) and encode its images.
+    """Queue one validated request, wait for it (deadline, disconnect), re-roll what its accept
+    checks reject as its policy says, and encode its images.
     edits: one per image for an edit request (models/editing.py), None for generation;
     same_seed: every image gets `seed` (interpolation frames), not seed + i.
     -> the images, or a bare 499 response when the client left; raises ApiError for the rest."""
-    assert st.batcher is not None and req.steps is not None
-    batcher, m = st.batcher, st.metrics
+    assert st.batcher is not None and st.engine is not None and req.steps is not None
+    m = st.metrics
+    sm = st.engine.get(req.model)
     timeout = _timeout(request, req, st.settings)
     # a random seed stays below 2^53 with all of its n images: JavaScript's JSON numbers (and so
     # every browser client) represent integers exactly only up to there
     seed = req.seed if req.seed is not None else secrets.randbelow(JS_SAFE_SEEDS - req.n + 1)
-    rid = request_id_of(request.scope)
-    tenant = tenant_of(request)
+    tenant, rid = tenant_of(request), request_id_of(request.scope)
     wait = st.limiter.take(tenant)
     if wait:
         m.rejected.labels("key_rate").inc()
@@ -215,39 +294,137 @@ async def serve(
             429, "this key's request rate is over its limit; retry later", code="key_rate_limited",
             headers={"Retry-After": str(wait)},
         )  # fmt: skip
-    assert req.model is not None  # set by `validate`
-    job = Job(
-        model=req.model,
-        tenant=tenant,
-        steps=req.steps,
-        labels=[req.class_label] * req.n,
-        seeds=[seed] * req.n if same_seed else [seed + i for i in range(req.n)],
-        edits=edits,
-        deadline=t_arrive + timeout,
-        request_id=rid,
-        future=asyncio.get_running_loop().create_future(),
-    )
-    try:
-        batcher.submit(job)
-    except QueueFull as e:
-        m.rejected.labels(e.reason).inc()
-        msg = "queue is full" if e.reason == "queue_full" else "this key holds its share of the queue"
-        raise ApiError(
-            429, f"{msg}; retry later", code=e.reason, headers={"Retry-After": str(e.retry_after_s)}
-        ) from None
+    pos, asked, degraded = _start_rung(req, sm, st) if edits is None else (-1, None, False)
+    rungs = sm.tiers
+    model, steps = rungs[pos].sampler if pos >= 0 else (sm.name, req.steps)
+    seeds = [seed] * req.n if same_seed else [seed + i for i in range(req.n)]
+    drawn = [Drawn(s, pos, model, steps) for s in seeds]
+    policy = _policy(req, st.settings) if edits is None else Policy()
+    when, who = (t_arrive + timeout, timeout), (tenant, rid)
+    jobs: list[Job] = []  # every job of the request (the disconnect watcher flags them all)
+    results: list[JobResult] = []
     m.inflight.inc()
-    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    watcher = asyncio.create_task(_watch_disconnect(request, jobs))
     try:
-        done, _ = await asyncio.wait({job.future}, timeout=max(0.0, job.deadline - time.monotonic()))
-        if not done:
-            job.future.cancel()
-            m.rejected.labels("deadline").inc()
-            raise ApiError(504, f"deadline of {timeout:g} s passed", code="deadline_exceeded")
+        first = await _draw(st, req, drawn, list(range(req.n)), edits, when, who, jobs, results)
+        if first is not None:
+            return first  # the client left
+        for attempt in range(2, policy.max_attempts + 1):
+            if policy.on_reject == "return":
+                break
+            redo = _reroll(drawn, rungs, policy, attempt, seeds, req.n)
+            if not redo:
+                break
+            m.rerolls.labels(sm.name, policy.on_reject).inc(len(redo))
+            try:  # a re-roll that cannot run (queue full, deadline, failure) keeps what was drawn
+                gone = await _draw(st, req, drawn, redo, None, when, who, jobs, results)
+            except ApiError as e:
+                log.info("re-roll of %d images stopped: %s", len(redo), e.message)
+                break
+            if gone is not None:
+                return gone
+        t0 = time.perf_counter()
+        images = np.stack([d.image for d in drawn if d.image is not None])
+        if images.nbytes <= INLINE_ENCODE_BYTES:
+            pngs = _encode(images)
+        else:
+            pngs = await asyncio.get_running_loop().run_in_executor(st.encode_pool, _encode, images)
+        encode_s = time.perf_counter() - t0
+        m.encode.observe(encode_s)
+        m.images.labels(sm.name).inc(req.n)
+    finally:
+        watcher.cancel()
+        m.inflight.dec()
+    if edits is None and st.settings.shadow_fraction > 0:
+        shadow.maybe_shadow(st, sm, req.class_label, drawn[0], policy.threshold)
+    total_s = time.monotonic() - t_arrive
+    timings = Timings(
+        queue=results[0].queue_s * 1e3, compute=sum(r.compute_s for r in results) * 1e3,
+        encode=encode_s * 1e3, total=total_s * 1e3,
+    )  # fmt: skip
+    tier = rungs[pos].name if pos >= 0 else None
+    return Served(pngs, seed, steps, timings, drawn, tier, asked, degraded)
+
+
+def _reroll(
+    drawn: list[Drawn], rungs: list[tiers.Tier], policy: Policy, attempt: int, seeds: list[int], n: int
+) -> list[int]:
+    """Indices of the rejected images to draw again at `attempt`, each moved to its new seed
+    (resample) or rung (escalate); an image already at the top rung stays as it is."""
+    redo = []
+    for i, d in enumerate(drawn):
+        if d.accepted is not False:
+            continue
+        if policy.on_reject == "resample":
+            d.seed = tiers.reroll_seed(seeds[i], attempt)
+        else:
+            up = tiers.step_up(rungs, d.pos) if d.pos >= 0 else None
+            if up is None:
+                continue
+            d.pos, (d.model, d.steps) = up, rungs[up].sampler
+        redo.append(i)
+    return redo
+
+
+async def _draw(
+    st: ServerState,
+    req: GenerateRequest,
+    drawn: list[Drawn],
+    which: list[int],
+    edits: list[RowEdit | None] | None,
+    deadline: tuple[float, float],
+    who: tuple[str, str],
+    jobs: list[Job],
+    results: list[JobResult],
+) -> Response | None:
+    """Draw images `which` of a request, one job per sampler they need, and record each
+    image, score and cost. deadline: (monotonic time, the seconds it was given); who: (tenant,
+    request id).
+    -> a bare 499 response when the client left, else None."""
+    assert st.batcher is not None and st.engine is not None
+    batcher, m, (tenant, rid) = st.batcher, st.metrics, who
+    (until, budget), threshold = deadline, _policy(req, st.settings).threshold
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i in which:
+        groups.setdefault((drawn[i].model, drawn[i].steps), []).append(i)
+    mine: list[tuple[Job, list[int]]] = []
+    for (model, steps), idx in groups.items():
+        job = Job(
+            model=model,
+            tenant=tenant,
+            steps=steps,
+            labels=[req.class_label] * len(idx),
+            seeds=[drawn[i].seed for i in idx],
+            edits=None if edits is None else [edits[i] for i in idx],
+            priority=req.priority,
+            deadline=until,
+            request_id=rid,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            for j, _ in mine:  # the request's other jobs leave the queue with it
+                j.future.cancel()
+            m.rejected.labels(e.reason).inc()
+            raise ApiError(
+                429, f"{QUEUE_FULL[e.reason]}; retry later", code=e.reason,
+                headers={"Retry-After": str(e.retry_after_s)},
+            ) from None  # fmt: skip
+        jobs.append(job)
+        mine.append((job, idx))
+    done, _ = await asyncio.wait({j.future for j, _ in mine}, timeout=max(0.0, until - time.monotonic()))
+    if len(done) < len(mine):
+        for j, _ in mine:
+            j.future.cancel()
+        m.rejected.labels("deadline").inc()
+        raise ApiError(504, f"deadline of {budget:g} s passed", code="deadline_exceeded")
+    for job, idx in mine:
         try:
             result = job.future.result()
         except DeadlineExceeded:
             raise ApiError(
-                504, f"deadline of {timeout:g} s passed before compute", code="deadline_exceeded"
+                504, f"deadline of {budget:g} s passed before compute", code="deadline_exceeded"
             ) from None
         except Draining:
             raise ApiError(503, "server is shutting down", code="draining") from None
@@ -257,22 +434,35 @@ async def serve(
             ) from None
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
-        t0 = time.perf_counter()
-        if result.images.nbytes <= INLINE_ENCODE_BYTES:
-            pngs = _encode(result.images)
-        else:
-            pngs = await asyncio.get_running_loop().run_in_executor(st.encode_pool, _encode, result.images)
-        encode_s = time.perf_counter() - t0
-        m.encode.observe(encode_s)
-        m.images.labels(req.model).inc(req.n)
-    finally:
-        watcher.cancel()
-        m.inflight.dec()
-    total_s = time.monotonic() - t_arrive
-    timings = Timings(
-        queue=result.queue_s * 1e3, compute=result.compute_s * 1e3, encode=encode_s * 1e3, total=total_s * 1e3
-    )
-    return Served(pngs, seed, req.steps, timings)
+        results.append(result)
+        _record(st, st.engine.get(req.model).tiers, job, idx, drawn, result, threshold)
+    return None
+
+
+def _record(
+    st: ServerState, rungs: list[tiers.Tier], job: Job, idx: list[int], drawn: list[Drawn], result: JobResult,
+    threshold: float,
+) -> None:  # fmt: skip
+    """Store a job's images and scores in the request's images, and count their cost."""
+    m = st.metrics
+    tier = next((t.name for t in rungs if t.sampler == job.key), "custom")
+    m.tier_images.labels(job.model, tier).inc(job.n)
+    m.tier_compute.labels(job.model, tier).inc(result.compute_s * job.n / max(1, result.batch_images))
+    for k, i in enumerate(idx):
+        d = drawn[i]
+        d.image, d.attempts = result.images[k], d.attempts + 1
+        d.score = None if result.scores is None else float(result.scores[k])
+        d.accepted = None if d.score is None else d.score >= threshold
+    if result.scores is not None:
+        m.scored_images.labels(job.model, tier).inc(job.n)
+        m.accepted_images.labels(job.model, tier).inc(int((result.scores >= threshold).sum()))
+
+
+QUEUE_FULL = {
+    "queue_full": "queue is full",
+    "key_queue_share": "this key holds its share of the queue",
+    "batch_queue_share": "the queue holds all the batch-priority work it takes",
+}
 
 
 async def generate(request: Request, st: ServerState) -> Any:
@@ -290,23 +480,40 @@ async def generate(request: Request, st: ServerState) -> Any:
     served = await serve(request, st, req, t_arrive)
     if isinstance(served, Response):
         return served
-    name, seed, timings = sm.name, served.seed, served.timings
+    timings, d0 = served.timings, served.drawn[0]
     if png:
         server_timing = ", ".join(f"{k};dur={v:.2f}" for k, v in timings.model_dump().items())
         headers = {
-            "x-seed": str(seed),
-            "x-model": name,
-            "x-steps": str(served.steps),
+            "x-seed": str(d0.seed),
+            "x-model": d0.model,
+            "x-steps": str(d0.steps),
             "server-timing": server_timing,
             "x-class-label": "null" if req.class_label is None else str(req.class_label),
+            "x-tier": str(_tier(sm, d0)),
+            "x-accepted": "null" if d0.accepted is None else str(d0.accepted).lower(),
         }
         return Response(served.pngs[0], media_type="image/png", headers=headers)
     data = [
-        ImageData(b64_json=base64.b64encode(p).decode(), seed=seed + i, class_label=req.class_label)
-        for i, p in enumerate(served.pngs)
+        ImageData(
+            b64_json=base64.b64encode(p).decode(),
+            seed=d.seed,
+            class_label=req.class_label,
+            model=d.model,
+            steps=d.steps,
+            tier=_tier(sm, d),
+            score=d.score,
+            accepted=d.accepted,
+            attempts=d.attempts,
+        )  # fmt: skip
+        for p, d in zip(served.pngs, served.drawn, strict=True)
     ]
     body = GenerateResponse(
-        model=name, steps=served.steps, created=int(time.time()), data=data, timings_ms=timings
-    )
+        model=sm.name, steps=served.steps, tier=served.tier, requested_tier=served.requested_tier,
+        degraded=served.degraded, created=int(time.time()), data=data, timings_ms=timings,
+    )  # fmt: skip
     # serialized once here: returning the model would make FastAPI validate it a second time
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _tier(sm: ServedModel, d: Drawn) -> str | None:
+    return sm.tiers[d.pos].name if d.pos >= 0 else None

@@ -174,6 +174,64 @@ class Metrics:
             ["model", "family", "kind", "placeholder"],
             registry=r,
         )
+        # Cost per accepted output: every image drawn (re-rolls included) and its share of its
+        # batch's compute time, against the images that passed their accept check, by the model
+        # and tier that drew them. Recording rules divide them (deploy/prometheus/rules).
+        self.tier_images = Counter(
+            "cmserve_tier_images_total",
+            "Images drawn per model and quality tier, re-rolls and escalations included.",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.tier_compute = Counter(
+            "cmserve_tier_compute_seconds_total",
+            "Compute seconds spent drawing them (each image's share of its batch's wall time).",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.scored_images = Counter(
+            "cmserve_scored_images_total",
+            "Images an accept check scored.",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.accepted_images = Counter(
+            "cmserve_accepted_images_total",
+            "Images that passed their accept check.",
+            ["model", "tier"],
+            registry=r,
+        )
+        self.rerolls = Counter(
+            "cmserve_rerolled_images_total",
+            "Rejected images drawn again, by policy (resample: new seed; escalate: next tier up).",
+            ["model", "policy"],
+            registry=r,
+        )
+        self.degraded = Counter(
+            "cmserve_degraded_requests_total",
+            "Requests run one tier below the one asked, to meet --latency-slo-ms.",
+            ["model", "from_tier", "to_tier"],
+            registry=r,
+        )
+        self.shadow = Counter(
+            "cmserve_shadow_comparisons_total",
+            "Shadow draws at the reference tier compared with the served image: agree = both accepted "
+            "or both rejected.",
+            ["model", "tier", "agree"],
+            registry=r,
+        )
+        self.shadow_gap = Histogram(
+            "cmserve_shadow_score_gap",
+            "Reference image's score minus the served image's, per shadow comparison.",
+            ["model", "tier"],
+            buckets=(-1.0, -0.5, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "cmserve_shadow_dropped_total",
+            "Shadow draws not queued because the shadow backlog was full.",
+            registry=r,
+        )
         self.ready = Gauge(
             "cmserve_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r
         )
@@ -188,7 +246,10 @@ class Metrics:
         ProcessCollector(registry=r)  # process_resident_memory_bytes, _cpu_seconds_total, _open_fds, ...
         # Export every known label value at 0 from the start, so rates and alerts see a series
         # before the first event instead of nothing.
-        for reason in ("queue_full", "key_queue_share", "key_rate", "deadline", "disconnected", "draining"):
+        for reason in (
+            "queue_full", "key_queue_share", "batch_queue_share", "key_rate", "deadline", "disconnected",
+            "draining",
+        ):  # fmt: skip
             self.rejected.labels(reason)
         for reason in ("exception", "nonfinite"):
             self.batch_failures.labels(reason)

@@ -132,8 +132,8 @@ async def images_generations(request: Request, st: ServerState) -> Any:
         return served
     revised = card.class_names[label] if label is not None and label < card.num_classes else ""
     data = [
-        {"b64_json": base64.b64encode(png).decode(), "revised_prompt": revised, "seed": served.seed + i}
-        for i, png in enumerate(served.pngs)
+        {"b64_json": base64.b64encode(png).decode(), "revised_prompt": revised, "seed": d.seed}
+        for png, d in zip(served.pngs, served.drawn, strict=True)
     ]
     body = {"created": int(time.time()), "data": data, "model": card.name, "steps": served.steps}
     return json_response(body)

@@ -142,7 +142,7 @@ class SamplerRunner:
             def sample() -> torch.Tensor:
                 return consistency_sample(model, noise, labels, times, edit)
         else:  # a TrigFlow teacher (the only diffusion kind a loader produces)
-            velocity, sigma_d = model.velocity, model.sigma_d  # type: ignore[attr-defined]
+            velocity, sigma_d = model.ode_velocity, model.sigma_d  # type: ignore[attr-defined]
 
             def sample() -> torch.Tensor:
                 return ode_sample(velocity, noise[0], labels, times, sigma_d)

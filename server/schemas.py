@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 
 def _json_int(v: Any) -> Any:
@@ -54,6 +54,32 @@ class GenerateRequest(BaseModel):
     )
     response_format: Literal["b64_json"] = Field("b64_json", description="Only base64 PNGs in JSON for now.")
     timeout_s: Seconds | None = Field(None, description=TIMEOUT_HELP)
+    quality: Literal["fast", "standard", "high", "reference"] | None = Field(
+        None,
+        description="Quality tier: fast / standard / high = the model's fewest, default and most steps; "
+        "reference = its slower reference model (`tiers` in /v1/models). Omitted = standard, or the "
+        "tier `steps` gives; not together with `steps`.",
+    )
+    on_reject: Literal["return", "resample", "escalate"] | None = Field(
+        None,
+        description="For an image its accept check rejects: return it marked, resample it with a new "
+        "seed, or escalate it to the next tier up. Omitted = the server's on_reject.",
+    )
+    max_attempts: JsonInt | None = Field(
+        None, ge=1, description="Most draws per image, the first included (at most the server's)."
+    )
+    accept_threshold: Annotated[StrictFloat | StrictInt, Field(ge=0, le=1)] | None = Field(
+        None, description="Score an image needs to be accepted; omitted = the server's."
+    )
+    allow_degrade: StrictBool | None = Field(
+        None,
+        description="Whether, when the server predicts its latency objective missed, this request may "
+        "run one tier lower; omitted = the server's allow_degrade.",
+    )
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive",
+        description="batch: runs only while no interactive request waits, and is refused (429) first.",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -61,6 +87,7 @@ class GenerateRequest(BaseModel):
             "examples": [
                 {"class_label": 7, "n": 4, "steps": 2},
                 {"class_label": 3, "seed": 1234, "timeout_s": 5},
+                {"class_label": 5, "n": 2, "quality": "fast", "on_reject": "escalate"},
             ]
         },
     )
@@ -68,8 +95,14 @@ class GenerateRequest(BaseModel):
 
 class ImageData(BaseModel):
     b64_json: str
-    seed: int
+    seed: int = Field(description="The seed that drew this image (with `model`, `steps`, `class_label`).")
     class_label: int | None
+    model: str = Field(description="The model that drew it (the reference tier's may differ).")
+    steps: int
+    tier: str | None = Field(description="Quality tier that drew it; null for steps outside the tiers.")
+    score: float | None = Field(description="Its accept-check score in [0, 1]; null without a scorer.")
+    accepted: bool | None = Field(description="score >= the threshold; null without a scorer.")
+    attempts: int = Field(description="Draws it took (re-rolls included).")
 
 
 class Timings(BaseModel):
@@ -82,6 +115,9 @@ class Timings(BaseModel):
 class GenerateResponse(BaseModel):
     model: str
     steps: int
+    tier: str | None = Field(description="The tier the request ran at first.")
+    requested_tier: str | None
+    degraded: bool = Field(description="Run one tier below the one asked, to meet the latency objective.")
     created: int
     data: list[ImageData]
     timings_ms: Timings
@@ -113,6 +149,8 @@ class ModelCardResponse(BaseModel):
     time: str
     supported_steps: list[int]
     default_steps: int
+    tiers: dict[str, dict[str, Any]] = Field(description="quality tier -> the model and steps that draw it")
+    accept_check: bool = Field(description="Whether its images are scored (accepted / score per image).")
     schedules: dict[str, list[float]]
     provenance: dict[str, Any]
 

@@ -8,7 +8,10 @@ from typing import Annotated, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "weights" / "cm-mnist.json"
+WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS / "cm-mnist.json"
+SHIPPED_TEACHER = WEIGHTS / "teacher-mnist.json"  # the shipped model's reference tier
+SHIPPED_SCORER = "mnist-lenet"  # the accept check of both (models/scorers.py)
 
 
 def _csv_list(v: object) -> object:
@@ -83,6 +86,51 @@ class Settings(BaseSettings):
     key_queue_share: float = Field(
         1.0, gt=0, le=1, description="Share of max_queue_images one key may hold queued (429 beyond)."
     )
+    scorers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accept checks, MODEL=SCORER, comma-separated: a built-in scorer (mnist-lenet) or "
+        "module:factory; the shipped models get mnist-lenet unless one is named.",
+    )
+    accept_threshold: float = Field(
+        0.9, ge=0, le=1, description="Score an image needs to be accepted (a request may ask another)."
+    )
+    on_reject: Literal["return", "resample", "escalate"] = Field(
+        "return",
+        description="What a request that sets no on_reject gets for a rejected image: 'return' it "
+        "marked, 'resample' it with a new seed, or 'escalate' it to the next tier up.",
+    )
+    max_attempts: int = Field(3, ge=1, le=8, description="Most attempts per image, the first included.")
+    references: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Reference tiers, MODEL=REFERENCE_MODEL (both served names), comma-separated; the "
+        "shipped model gets its teacher unless --no-shipped-reference.",
+    )
+    shipped_reference: bool = Field(
+        True,
+        description="Serving the shipped model: also load its diffusion teacher (teacher-mnist, 32-step "
+        "ODE) as its reference tier.",
+    )
+    shadow_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of requests whose first image is also drawn at the reference tier, only "
+        "while no request waits, to compare scores (metrics only; the client never sees it).",
+    )
+    latency_slo_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Latency objective: a request predicted to exceed it (queue wait + compute) runs one "
+        "tier lower where it allows it; 0 = never degrade.",
+    )
+    allow_degrade: bool = Field(True, description="Whether a request that does not say may be degraded.")
+    batch_queue_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of max_queue_images that priority=batch requests may fill (429 beyond), so "
+        "batch work is refused before interactive work.",
+    )
     ops_port: int = Field(
         0,
         ge=0,
@@ -111,7 +159,7 @@ class Settings(BaseSettings):
         False, description="Log one line per response, with its request id and duration."
     )
 
-    @field_validator("buckets", "api_keys", "cors_origins", "models", mode="before")
+    @field_validator("buckets", "api_keys", "cors_origins", "models", "scorers", "references", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
         return _csv_list(v)

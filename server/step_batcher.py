@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from server.batcher import Batcher, BatchFailed, Job, JobResult
+from server.batcher import Batcher, BatchFailed, Job, JobResult, ScoreFn
 from server.metrics import Metrics
 
 log = logging.getLogger("cmserve.step_batcher")
@@ -42,6 +42,7 @@ class _Flight:
     admitted: int = 0
     done: int = 0
     images: np.ndarray | None = None
+    scores: np.ndarray | None = None
     started: float = field(default_factory=time.monotonic)
     widest: int = 0  # most rows an evaluation of it shared
 
@@ -59,6 +60,8 @@ class StepBatcher(Batcher):
         model_max_batch: dict[str, int] | None = None,
         executor: Executor | None = None,
         tenant_share: float = 1.0,
+        batch_share: float = 1.0,
+        score_fn: ScoreFn | None = None,
     ) -> None:
         super().__init__(
             lambda *a: np.empty(0),  # unused: the step loop below replaces the batch dispatch
@@ -68,7 +71,10 @@ class StepBatcher(Batcher):
             model_max_batch=model_max_batch,
             executor=executor,
             tenant_share=tenant_share,
+            batch_share=batch_share,
+            score_fn=score_fn,
         )
+        self._eval_s: dict[str, float] = {}  # EWMA of one evaluation's wall time per model
         self.rows_fn, self.step_fn, self.clear_fn = rows_fn, step_fn, clear_fn
         self._flights: dict[Job, _Flight] = {}
         self._in_flight: dict[str, int] = {}  # rows in flight per model
@@ -88,7 +94,7 @@ class StepBatcher(Batcher):
         """(job, first image, count) of the waiting images of `model` that fit, oldest first."""
         room = self.limit(model) - self._in_flight.get(model, 0)
         out = []
-        for job in list(self._pending):
+        for job in self._waiting():
             if room <= 0:
                 break
             if job.model != model:
@@ -128,17 +134,31 @@ class StepBatcher(Batcher):
             self._drop(f.job)
         self._in_flight[f.job.model] = self._in_flight.get(f.job.model, 0) - (f.admitted - f.done)
 
+    def predict_s(self, model: str, steps: int) -> float:
+        """Evaluations ahead (the interactive images waiting, a bucket at a time) and its own
+        `steps`, at this model's recent time per evaluation."""
+        ahead = sum(j.n for j in self._pending if j.priority != "batch")
+        per_eval = self._eval_s.get(model, self._batch_s)
+        return (ahead / self.limit(model) + steps) * per_eval
+
     def _evaluate(
         self, model: str, admit: list[tuple[Job, int, int]], drop: set[Any]
-    ) -> tuple[list[Any], int]:
-        """On the compute thread: the joining rows, then one evaluation."""
+    ) -> tuple[list[Any], int, np.ndarray | None]:
+        """On the compute thread: the joining rows, one evaluation, then the accept check of
+        the rows it finished (scores in their order)."""
         rows = []
         for job, start, k in admit:
             sl = slice(start, start + k)
             edits = job.edits[sl] if job.edits else None
             keys = [(job, i) for i in range(start, start + k)]
             rows += self.rows_fn(model, job.steps, job.labels[sl], job.seeds[sl], keys, edits)
-        return self.step_fn(model, rows, drop)
+        finished, n = self.step_fn(model, rows, drop)
+        scores = None
+        done = [r for r in finished if r.finite]
+        if self.score_fn is not None and done:
+            images = np.stack([r.image for r in done])
+            scores = self.score_fn(model, images, [job.labels[i] for job, i in (r.key for r in done)])
+        return finished, n, scores
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,6 +166,9 @@ class StepBatcher(Batcher):
             if not self._pending and not any(self._in_flight.values()):
                 self._running = []
                 self._idle.set()
+                if self._background:
+                    await self._run_background()
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -160,24 +183,29 @@ class StepBatcher(Batcher):
             self._running = [f.job for f in self._flights.values()]
             t0 = time.monotonic()
             try:
-                finished, n = await loop.run_in_executor(self._executor, self._evaluate, model, admit, drop)
+                finished, n, scores = await loop.run_in_executor(
+                    self._executor, self._evaluate, model, admit, drop
+                )
             except Exception as e:  # the evaluation fails every request in flight on this model
                 self._fail(model, e)
                 continue
             finally:
                 elapsed = time.monotonic() - t0
                 self._batch_s = 0.8 * self._batch_s + 0.2 * elapsed
+                self._eval_s[model] = 0.8 * self._eval_s.get(model, elapsed) + 0.2 * elapsed
                 self.batches_run += 1
             self.metrics.batch_size.labels(model).observe(n)
             self.metrics.batch_compute.labels(model, "step").observe(elapsed)
-            self._finish(model, finished, n)
+            self._finish(model, finished, n, scores)
 
-    def _finish(self, model: str, finished: list[Any], n: int) -> None:
+    def _finish(self, model: str, finished: list[Any], n: int, scores: np.ndarray | None = None) -> None:
         for f in self._flights.values():
             if f.job.model == model:
                 f.widest = max(f.widest, n)
+        scored = iter(scores) if scores is not None else None  # one per finite row, in order
         for row in finished:
             job, i = row.key
+            score = next(scored) if scored is not None and row.finite else None
             flight = self._flights.get(job)
             if flight is None:  # let go while this evaluation ran
                 continue
@@ -193,12 +221,16 @@ class StepBatcher(Batcher):
             if f.images is None:
                 f.images = np.empty((job.n, *row.image.shape), dtype=np.uint8)
             f.images[i] = row.image
+            if score is not None:
+                if f.scores is None:
+                    f.scores = np.zeros(job.n)
+                f.scores[i] = score
             if f.done == job.n:
                 self._flights.pop(job)
                 if not job.future.done():
                     now = time.monotonic()
                     job.future.set_result(
-                        JobResult(f.images, f.started - job.enqueued, now - f.started, f.widest)
+                        JobResult(f.images, f.started - job.enqueued, now - f.started, f.widest, f.scores)
                     )
 
     def _fail(self, model: str, e: Exception) -> None:

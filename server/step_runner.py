@@ -98,7 +98,7 @@ class StepRunner:
         @torch.inference_mode()
         def fn() -> None:
             if ode:
-                velocity, sigma_d = model.velocity, model.sigma_d  # type: ignore[attr-defined]
+                velocity, sigma_d = model.ode_velocity, model.sigma_d  # type: ignore[attr-defined]
                 out.copy_(ode_step(velocity, state, z, t, s, first, labels, sigma_d))
             else:
                 out.copy_(consistency_step(model, state, z, t, first, labels, edit))

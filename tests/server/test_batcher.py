@@ -235,3 +235,115 @@ async def test_stop_answers_the_batch_in_flight_and_the_queue() -> None:
     await asyncio.wait_for(stopper, 5)
     for job in (running, queued):
         assert job.future.done() and isinstance(job.future.exception(), Draining), job.request_id
+
+
+def _prio(job: Job, priority: str) -> Job:
+    job.priority = priority
+    return job
+
+
+async def test_batch_priority_never_runs_while_interactive_work_waits() -> None:
+    s = FakeSampler()
+    s.gate.clear()  # hold the first batch so the rest queue up behind it
+    b = _batcher(s, max_batch_size=2)
+    b.submit(_job(2, [0]))
+    await asyncio.sleep(0.05)
+    low = [_prio(_job(2, [100 + i]), "batch") for i in range(3)]
+    high = [_job(2, [10 + i]) for i in range(3)]
+    for lo, hi in zip(low, high, strict=True):  # interleaved, each batch job older than its peer
+        b.submit(lo)
+        b.submit(hi)
+    s.gate.set()
+    await asyncio.wait_for(asyncio.gather(*(j.future for j in low + high)), 5)
+    order = [seed for _, seeds in s.batches[1:] for seed in seeds]
+    # every interactive image ran before any batch-priority one, although the latter queued first
+    assert order == [10, 11, 12, 100, 101, 102], s.batches
+    await b.stop()
+
+
+async def test_batch_priority_is_refused_first() -> None:
+    s = FakeSampler()
+    s.gate.clear()
+    b = _batcher(s, max_queue_images=10, batch_share=0.5)
+    b.submit(_job(2, [0]))
+    await asyncio.sleep(0.05)
+    for i in range(5):
+        b.submit(_prio(_job(2, [i + 1]), "batch"))  # fills the batch share: 5 of 10
+    with pytest.raises(QueueFull) as e:
+        b.submit(_prio(_job(2, [9]), "batch"))
+    assert e.value.reason == "batch_queue_share"
+    for i in range(5):
+        b.submit(_job(2, [20 + i]))  # interactive work still fits up to the full bound
+    with pytest.raises(QueueFull) as e:
+        b.submit(_job(2, [30]))
+    assert e.value.reason == "queue_full"
+    s.gate.set()
+    await b.stop()
+
+
+async def test_background_work_runs_a_slice_at_a_time_only_while_nothing_waits() -> None:
+    s = FakeSampler()
+    events: list[str] = []  # appended on the compute thread, so in the order things ran there
+
+    def sampler(*a):  # type: ignore[no-untyped-def]
+        events.append("job")
+        return s(*a)
+
+    b = _batcher(s)
+    b.run_batch = sampler
+    slices = iter(range(6))
+
+    def task() -> bool:  # six slices; the third holds the thread a little while a job arrives
+        k = next(slices)
+        events.append(f"slice{k}")
+        if k == 2:
+            time.sleep(0.1)
+        return k == 5
+
+    assert b.submit_background(task)
+    while "slice2" not in events:
+        await asyncio.sleep(0.005)
+    job = _job(2, [7])
+    b.submit(job)  # arrives while slice 2 runs
+    await asyncio.wait_for(job.future, 2)
+    while "slice5" not in events:
+        await asyncio.sleep(0.005)
+    # the job waited for the slice in progress only, then ran before the next one
+    assert events == ["slice0", "slice1", "slice2", "job", "slice3", "slice4", "slice5"], events
+    await b.stop()
+
+
+async def test_background_backlog_is_bounded() -> None:
+    b = _batcher(FakeSampler())
+    b.max_background = 2
+    s = FakeSampler()
+    s.gate.clear()
+    b.run_batch = s
+    b.submit(_job(2, [1]))  # keeps the loop busy so nothing in the backlog runs
+    await asyncio.sleep(0.05)
+    assert b.submit_background(lambda: True) and b.submit_background(lambda: True)
+    assert not b.submit_background(lambda: True)
+    s.gate.set()
+    await b.stop()
+
+
+async def test_scores_run_after_each_batch_and_are_split_per_request() -> None:
+    s = FakeSampler()
+    calls: list[tuple[str, int]] = []
+
+    def score(model: str, images: np.ndarray, labels: list[int | None]) -> np.ndarray:
+        calls.append((model, len(images)))
+        return images[:, 0, 0, 0].astype(float) / 100.0  # image i's seed / 100
+
+    s.gate.clear()
+    b = _batcher(s, score_fn=score)
+    b.submit(_job(2, [0]))
+    await asyncio.sleep(0.05)
+    a, c = _job(2, [10, 20]), _job(2, [30])
+    b.submit(a)
+    b.submit(c)
+    s.gate.set()
+    ra, rc = await asyncio.wait_for(asyncio.gather(a.future, c.future), 2)
+    assert calls == [("", 1), ("", 3)]  # one call per batch, over all of it
+    assert ra.scores is not None and list(ra.scores) == [0.1, 0.2] and list(rc.scores) == [0.3]
+    await b.stop()
