@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 
-.PHONY: serve test test-fast lint bench bench-batching loadtest gpu-check gpu-wheels train eval eval-edits fuzz soak ops-tools clean
+.PHONY: serve test test-fast lint bench bench-batching bench-quality loadtest gpu-check gpu-wheels train eval eval-edits fuzz soak ops-tools clean
 
 # torch is pinned here (not in pyproject) to its CPU build, the one CI tests: an unpinned torch
 # would pull a multi-GB CUDA build. From the configured index or wheel directory if it has it,
@@ -66,6 +66,9 @@ bench: $(VENV)/.test
 # request- vs step-level batching on mixed workloads (docs/performance.md)
 bench-batching: $(VENV)/.test
 	$(VENV)/bin/cmserve bench batching --json docs/bench_batching.json
+
+bench-quality: $(VENV)/.test
+	$(VENV)/bin/cmserve bench quality --json docs/bench_quality.json
 
 loadtest: $(VENV)/.test
 	deploy/locust/run.sh

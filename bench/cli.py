@@ -94,6 +94,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-batch-size", type=int, default=0, help="both servers' (0: each picks its own)")
     b.add_argument("--quick", action="store_true", help="tiny model, one workload, short runs")
     b.add_argument("--json", default="", help="also write the whole result as JSON here")
+    q = sub.add_parser("quality", help="cost per accepted image per tier and policy; degrade under overload")
+    q.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    q.add_argument("--requests", type=int, default=40, help="requests per tier and policy (reference: 1/4)")
+    q.add_argument("-n", type=int, default=8, help="images per request")
+    q.add_argument("--slo-ms", type=float, default=500.0, help="the server's --latency-slo-ms")
+    q.add_argument("--overload", type=float, default=2.0, help="arrival rate as a multiple of saturation")
+    q.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of saturation and of each overload run"
+    )
+    q.add_argument("--quick", action="store_true", help="two tiers, short runs: keeps the harness working")
+    q.add_argument("--json", default="", help="also write the whole result as JSON here")
     k = sub.add_parser("kernels", help="Triton kernels vs torch (CUDA only)")
     k.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")
     k.add_argument("--json", default="", help="also write the whole result as JSON here")
@@ -149,6 +160,14 @@ def main(args: argparse.Namespace) -> None:
             args.loads, args.duration = "0.5", 2.0
         result = {"machine": machine(), **bench_batching(args)}
         print(batching_markdown(result))
+    elif args.what == "quality":
+        from bench.quality import bench_quality
+        from bench.quality import markdown as quality_markdown
+
+        if args.quick:
+            args.requests, args.n, args.duration = 4, 4, 2.0
+        result = {"machine": machine(), **bench_quality(args)}
+        print(quality_markdown(result))
     elif args.what == "frontend":
         from bench.frontend import bench_frontend
         from bench.frontend import markdown as frontend_markdown

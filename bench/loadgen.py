@@ -146,9 +146,11 @@ async def open_loop(
     body_fn: Any = None,
     path: str = "/v1/generate",
     timeout: float = 60.0,
+    on_answer: Any = None,
 ) -> RunResult:
     """Send Poisson arrivals at `rate` req/s for `duration_s`; wait for every answer.
-    body_fn(rng) -> (body, images) or (body, images, class): a class files the latency under it."""
+    body_fn(rng) -> (body, images) or (body, images, class): a class files the latency under it.
+    on_answer(status, body): called with every answer (to read what the bodies say)."""
     rng = random.Random(seed)
     body_fn = body_fn or (lambda r: (make_body(r), 1))
     client = RawHTTP(host, port)
@@ -156,7 +158,9 @@ async def open_loop(
     tasks: list[asyncio.Task[None]] = []
 
     async def one(t_sched: float, body: bytes, n: int, cls: str | None) -> None:
-        status, _ = await client.post(path, body, timeout)
+        status, payload = await client.post(path, body, timeout)
+        if on_answer is not None:
+            on_answer(status, payload)
         res.statuses[status] = res.statuses.get(status, 0) + 1
         if 200 <= status < 300:
             res.latencies_ok.append(time.perf_counter() - t_sched)

@@ -128,3 +128,21 @@ def test_batching_bench_quick(tmp_path: Path) -> None:
     for row in w["rows"]:
         assert row["errors"] == 0 and row["ok"] == row["sent"] > 0
         assert row["2-step"]["n"] + row.get("32-step", {"n": 0})["n"] == row["ok"]
+
+
+def test_quality_bench_quick(tmp_path: Path) -> None:
+    r = _bench("quality", tmp=tmp_path)
+    rows = {(t["tier"], t["policy"]): t for t in r["tiers"]}
+    assert set(rows) == {("fast", p) for p in ("return", "resample", "escalate")} | {
+        ("reference", "return"), ("reference", "resample"),
+    }  # fmt: skip
+    for t in r["tiers"]:
+        assert t["images_drawn"] >= t["images_returned"] > 0 and 0 <= t["acceptance"] <= 1
+        assert t["ms_per_image_drawn"] > 0 and t["mean_attempts"] >= 1
+    # one draw per image under `return`; the reference tier costs more per image than `fast`
+    assert rows[("fast", "return")]["mean_attempts"] == 1
+    assert (
+        rows[("reference", "return")]["ms_per_image_drawn"] > rows[("fast", "return")]["ms_per_image_drawn"]
+    )
+    assert [o["allow_degrade"] for o in r["overload"]] == [False, True]
+    assert r["overload"][0]["degraded_share"] == 0 and r["saturation_rps"] > 0
