@@ -8,7 +8,9 @@ One server (the shipped model, its teacher as the reference tier, the LeNet acce
    the share of returned images accepted, and compute seconds per accepted image;
 2. under open-loop overload (a multiple of the standard tier's saturation) with a latency
    objective: the same arrivals with `allow_degrade` false, then true; p50/p99, the share of
-   requests degraded, and the acceptance of what was returned.
+   requests degraded, and the acceptance of what was returned;
+3. shadow mode's toll on the foreground: the same arrivals at 70 % of saturation against this
+   server and a second one with `--shadow-fraction 1.0` (each paused while the other runs).
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def tier_row(proc: Proc, tier: str, policy: str, requests: int, n: int, seed: in
         "compute_s_per_accepted": round(compute / accepted, 5) if accepted else None,
         "mean_attempts": round(sum(attempts) / len(attempts), 3),
     }
+
+
+def shadow_rows(procs: dict[str, Proc], rate: float, seconds: float) -> list[dict[str, Any]]:
+    """Standard-tier requests at `rate` against each server in turn, the other paused."""
+    rows = []
+    for name, proc in procs.items():
+        for other in procs.values():
+            (other.resume if other is proc else other.pause)()
+        row = overload_row(proc, rate, seconds, False, seed=13)
+        text = proc.metrics()
+        row = {"shadow_fraction": 1.0 if name == "shadow" else 0.0, **row}
+        row["shadow_comparisons"] = int(sample_sum(text, "cmserve_shadow_comparisons_total") or 0)
+        agree = sample_sum(text, "cmserve_shadow_comparisons_total", agree="true") or 0
+        row["shadow_agreement"] = (
+            round(agree / row["shadow_comparisons"], 4) if row["shadow_comparisons"] else None
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for proc in procs.values():
+        proc.resume()
+    return rows
 
 
 def overload_row(proc: Proc, rate: float, seconds: float, degrade: bool, seed: int) -> dict[str, Any]:
@@ -130,6 +153,12 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
             row = overload_row(proc, args.overload * sat, args.duration, degrade, seed=11)
             result["overload"].append(row)
             print(json.dumps(row), flush=True)
+        proc.pause()
+        shadow = Proc([*cmd, "--shadow-fraction", "1.0"], "/readyz", tmp / "shadow.log", ready_timeout=600)
+        try:
+            result["shadow"] = shadow_rows({"plain": proc, "shadow": shadow}, 0.7 * sat, args.duration)
+        finally:
+            shadow.stop()
     finally:
         proc.stop()
     return result
@@ -157,5 +186,17 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {str(r['allow_degrade']).lower()} | {r['ok']} of {r['sent']} | {r['p50_ms']} | "
                 f"{r['p99_ms']} | {r['degraded_share'] * 100:.1f} % | {r['acceptance'] * 100:.1f} % |"
+            )
+    if "shadow" in result:
+        lines += [
+            "\nShadow mode at 70 % of saturation (same arrivals):\n",
+            "| shadow fraction | answered | p50 ms | p99 ms | shadow comparisons | agreement |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["shadow"]:
+            agree = "—" if r["shadow_agreement"] is None else f"{r['shadow_agreement'] * 100:.1f} %"
+            lines.append(
+                f"| {r['shadow_fraction']} | {r['ok']} of {r['sent']} | {r['p50_ms']} | {r['p99_ms']} | "
+                f"{r['shadow_comparisons']} | {agree} |"
             )
     return "\n".join(lines)

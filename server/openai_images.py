@@ -53,6 +53,11 @@ class ImagesRequest(BaseModel):
         "b64_json", description="b64_json; url needs a server that keeps images and is refused."
     )
     user: str | None = Field(None, max_length=256, description="End-user id, logged with the request id.")
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
+        None,
+        description="OpenAI's quality words on cmserve's tiers: low = fast; medium, standard, auto = "
+        "standard; high, hd = high.",
+    )
     # cmserve's fields
     seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = None
     steps: JsonInt | None = Field(None, ge=1, le=64)
@@ -60,6 +65,11 @@ class ImagesRequest(BaseModel):
         None, description="The class by index; when given, the prompt is not read."
     )
     timeout_s: Seconds | None = Field(None, description=TIMEOUT_HELP)
+
+
+# OpenAI's quality words (gpt-image-1's low/medium/high/auto, dall-e-3's standard/hd) -> tiers
+OPENAI_QUALITY = {"low": "fast", "medium": "standard", "auto": "standard", "standard": "standard",
+                  "high": "high", "hd": "high"}  # fmt: skip
 
 
 def accepted_prompts(class_names: tuple[str, ...]) -> list[str]:
@@ -118,6 +128,7 @@ async def images_generations(request: Request, st: ServerState) -> Any:
         "seed": oreq.seed,
         "steps": oreq.steps,
         "timeout_s": oreq.timeout_s,
+        "quality": OPENAI_QUALITY[oreq.quality] if oreq.quality else None,
     }
     try:
         req, _ = validate({k: v for k, v in fields.items() if v is not None}, st, engine)

@@ -146,3 +146,6 @@ def test_quality_bench_quick(tmp_path: Path) -> None:
     )
     assert [o["allow_degrade"] for o in r["overload"]] == [False, True]
     assert r["overload"][0]["degraded_share"] == 0 and r["saturation_rps"] > 0
+    plain, shadow = r["shadow"]
+    assert (plain["shadow_fraction"], plain["shadow_comparisons"]) == (0.0, 0)
+    assert shadow["shadow_fraction"] == 1.0 and shadow["ok"] > 0

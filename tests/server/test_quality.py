@@ -197,3 +197,17 @@ async def test_shadow_draws_the_reference_image_and_compares_scores(tiny_ckpt: P
         assert draw.image is not None
         assert np.array_equal(draw.image[0], _pixels(ref["data"][0]["b64_json"]))
         assert draw.score == pytest.approx(ref["data"][0]["score"])
+
+
+async def test_openai_quality_words_map_to_tiers(tiny_ckpt: Path) -> None:
+    async with app_client(_settings(tiny_ckpt)) as (c, _):
+        for word, tier in (("low", "fast"), ("medium", "standard"), ("auto", "standard"), ("hd", "high")):
+            r = await c.post(
+                "/v1/images/generations", json={"prompt": "3", "model": "a", "seed": 9, "quality": word}
+            )
+            assert r.status_code == 200, r.text
+            want = await _one(c, model="a", seed=9, quality=tier)
+            assert r.json()["data"][0]["b64_json"] == want["data"][0]["b64_json"], word
+            assert r.json()["steps"] == want["steps"]
+        bad = await c.post("/v1/images/generations", json={"prompt": "3", "quality": "ultra"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "quality"
