@@ -48,6 +48,8 @@ def _edit(ckpt: Path, fn) -> None:  # type: ignore[no-untyped-def]
         (lambda r: r["architecture"].update(patch_size=5), "bad architecture"),
         (lambda r: r.update(default_steps=3.5), "default_steps"),
         (lambda r: r.update(default_steps=8), "default_steps 8 is not one of"),
+        (lambda r: r.update(guidance="strong"), "guidance must be a number"),
+        (lambda r: r.update(guidance=-1), "guidance must be a number"),
     ],
 )
 def test_mismatched_card_is_refused_with_a_clear_error(ckpt: Path, edit, match: str) -> None:  # type: ignore[no-untyped-def]
@@ -98,3 +100,13 @@ def test_missing_files_and_bad_json(ckpt: Path, tmp_path: Path) -> None:
     ckpt.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(ckpt)
+
+
+def test_guidance_of_a_teacher_card_reaches_its_ode_velocity(ckpt: Path) -> None:
+    _edit(ckpt, lambda r: r.update(kind="diffusion", guidance=1.75))
+    model, card = load_checkpoint(ckpt)
+    assert card.guidance == model.guidance == 1.75
+    assert card.to_json("w.safetensors", "0" * 64)["guidance"] == 1.75
+    x, t, y = torch.randn(2, 1, 28, 28), torch.full((2,), 0.8), torch.tensor([1, 2])
+    assert torch.equal(model.ode_velocity(x, t, y), model.guided_velocity(x, t, y, 1.75))
+    assert not torch.equal(model.ode_velocity(x, t, y), model.velocity(x, t, y))
