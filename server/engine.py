@@ -168,11 +168,32 @@ class Engine:
             if ref is not None and ref not in self.models:
                 raise ValueError(f"reference of {m.name!r}: {ref!r} is not served ({sorted(self.models)})")
             m.tiers = ladder(m.card, self.models[ref].card if ref else None)
+        self._export_cost_series()
         for spec in (*references, *scorers):
             if spec not in self.models:
                 raise ValueError(
                     f"--reference/--scorer name {spec!r}, which is not served ({sorted(self.models)})"
                 )
+
+    def _export_cost_series(self) -> None:
+        """Every cost, acceptance and shadow series this server can move, at 0 from the start, so
+        rates and ratios have data before the first event (as the other metrics do)."""
+        mx = self.metrics
+        for m in self.models.values():
+            for i, t in enumerate(m.tiers):
+                mx.tier_images.labels(t.model, t.name)
+                mx.tier_compute.labels(t.model, t.name)
+                if self.models[t.model].scorer is not None:
+                    mx.scored_images.labels(t.model, t.name)
+                    mx.accepted_images.labels(t.model, t.name)
+                if i > 0:
+                    mx.degraded.labels(m.name, t.name, m.tiers[i - 1].name)
+                if t.name != "reference" and m.scorer is not None and m.tiers[-1].name == "reference":
+                    for agree in ("true", "false"):
+                        mx.shadow.labels(m.name, t.name, agree)
+                    mx.shadow_gap.labels(m.name, t.name)
+            for policy in ("resample", "escalate"):
+                mx.rerolls.labels(m.name, policy)
 
     def get(self, name: str | None = None) -> ServedModel:
         """The model served as `name` (None: the default); UnknownModel if none is."""
@@ -229,7 +250,10 @@ class Engine:
         m = self.get(name)
         steps = m.card.steps_default
         # step mode: one evaluation per bucket (what a step-mode batch is)
-        secs = self.call(m.stepper.time_buckets) if m.stepper else self.call(m.runner.time_buckets, steps)
+        if m.stepper:
+            secs = self.call(m.stepper.time_buckets)
+        else:  # within ~10 s, and no bucket beyond a 10 % fall from the peak images/s
+            secs = self.call(m.runner.time_buckets, steps, 3, 10.0, 0.10)
         rate = {b: b / s for b, s in secs.items()}
         best = max(rate.values())
         chosen = min(b for b, r in rate.items() if r >= (1 - tolerance) * best)

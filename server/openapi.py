@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from server import edits, openai_images
 from server.deps import ServerState
 from server.schemas import ErrorResponse, GenerateRequest
+from server.tiers import TIERS
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # What each route can answer besides 200 (401 only where keys are checked, added below).
@@ -176,10 +177,23 @@ def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
     for alt in props["timeout_s"]["anyOf"]:  # [{number or integer, > 0}, null]
         if "exclusiveMinimum" in alt:
             alt["maximum"] = st.settings.max_timeout_s
+    if "max_attempts" in props:
+        props["max_attempts"]["anyOf"][0]["maximum"] = st.settings.max_attempts
+    if "quality" in props and "steps" in props:  # one or the other
+        req["not"] = {
+            "required": ["quality", "steps"],
+            "properties": {"quality": {"type": "string"}, "steps": {"type": "integer"}},
+        }
     if st.engine is None:
         return
     # with several models, what any of them accepts (the route checks the named one)
-    cards = [m.card for m in st.engine.models.values()]
+    served = list(st.engine.models.values())
+    cards = [m.card for m in served]
+    quality = props.get("quality", {}).get("anyOf", [{}])[0].get("enum", [])
+    if quality and set(quality) <= set(TIERS):  # cmserve's tiers, not the OpenAI body's words
+        tiers = sorted({t.name for m in served for t in m.tiers}, key=TIERS.index)
+        offered = [{"type": "string", "enum": tiers}, {"type": "null"}]
+        props["quality"] = {**props["quality"], "anyOf": offered}
     for alt in props["class_label"].get("anyOf", []):
         if alt.get("type") == "integer":
             alt["maximum"] = max(c.num_classes for c in cards) - 1

@@ -162,18 +162,29 @@ class SamplerRunner:
         prepare(list(self.slots.values()), self.use_graphs)
         self.capture_s = time.perf_counter() - t0
 
-    def time_buckets(self, steps: int, rounds: int = 3) -> dict[int, float]:
-        """Seconds per batch for each bucket at `steps` (after warm-up): the best of `rounds`
+    def time_buckets(
+        self, steps: int, rounds: int = 3, budget_s: float = float("inf"), past_peak: float = 1.0
+    ) -> dict[int, float]:
+        """Seconds per batch for buckets at `steps` (after warm-up): the best of up to `rounds`
         rounds, each round timing every bucket once, so a burst of noise from other processes
-        hits all buckets alike instead of making one look slow."""
-        best = {b: float("inf") for b in self.buckets}
-        for _ in range(rounds):
-            for bucket in self.buckets:
+        hits all buckets alike instead of making one look slow. So that a slow model (a 32-step
+        teacher on a CPU) does not hold start-up for minutes: no round starts after `budget_s`,
+        and the first round stops at a bucket whose images/s is `past_peak` below the best so
+        far (larger, dearer buckets are past the peak too); later rounds time what it timed."""
+        best: dict[int, float] = {}
+        t_start = time.perf_counter()
+        for r in range(rounds):
+            if r and time.perf_counter() - t_start > budget_s:
+                break
+            for bucket in list(best) if r else self.buckets:
                 slot = self.slots[(bucket, steps)]
                 t0 = time.perf_counter()
                 replay(slot)
                 slot.out[:1].cpu()  # waits for the device
-                best[bucket] = min(best[bucket], time.perf_counter() - t0)
+                best[bucket] = min(best.get(bucket, float("inf")), time.perf_counter() - t0)
+                peak = max(b / s for b, s in best.items())
+                if r == 0 and bucket / best[bucket] < (1 - past_peak) * peak:
+                    break
         return best
 
     def bucket_for(self, n: int) -> int:

@@ -26,7 +26,7 @@ if [ -z "${URL:-}" ]; then
   PID=$!
   URL="http://127.0.0.1:$PORT"
   echo "started a server (pid $PID, log $OUT/server.log); waiting for $URL/readyz (load and warm-up)"
-  for i in $(seq 1 600); do
+  for i in $(seq 1 1500); do  # up to 300 s: the shipped model and its 32-step teacher warm up first
     curl -sf "$URL/readyz" >/dev/null 2>&1 && { echo "ready after $((i / 5)) s"; break; }
     kill -0 "$PID" 2>/dev/null || { cat "$OUT/server.log"; exit 1; }
     [ $((i % 50)) -eq 0 ] && echo "still warming up ($((i / 5)) s)"

@@ -34,7 +34,10 @@ def _query(prom: str, q: str) -> list[dict]:
 
 def test_prometheus_scrapes_and_rules_give_sane_quantiles(tiny_ckpt: Path, tmp_path: Path) -> None:
     prometheus = tool("prometheus")
-    with serve_process("--checkpoint", str(tiny_ckpt), "--buckets", "1,2,4,8", tmp=tmp_path) as sp:
+    # a scored model with a reference tier, so that the cost, acceptance and shadow panels have data
+    models = ("--model", f"a={tiny_ckpt}", "--model", f"ref={tiny_ckpt}", "--reference", "a=ref",
+              "--scorer", "a=tests.server.scorers:checksum", "--shadow-fraction", "0.2")  # fmt: skip
+    with serve_process(*models, "--buckets", "1,2,4,8", tmp=tmp_path) as sp:
         port = free_port()
         cfg = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -3,6 +3,7 @@ and per-request determinism across batch compositions through the engine."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,31 @@ def test_auto_max_batch_picks_the_smallest_bucket_near_the_best_rate(
     assert set(timed) == {1, 2, 4, 8, 16} and all(s > 0 for s in timed.values())
     # images/s 10, 20, 40, 78, 80: 8 is within 5% of the best (16), 4 is not
     fake = {1: 0.1, 2: 0.1, 4: 0.1, 8: 8 / 78, 16: 16 / 80}
-    monkeypatch.setattr(engine.runner, "time_buckets", lambda steps: fake)
+    monkeypatch.setattr(engine.runner, "time_buckets", lambda steps, *a: fake)
     assert engine.auto_max_batch() == 8
     assert engine.auto_max_batch(tolerance=0.0) == 16
     # where batching buys nothing, no batching
-    monkeypatch.setattr(engine.runner, "time_buckets", lambda steps: {b: 0.01 * b for b in fake})
+    monkeypatch.setattr(engine.runner, "time_buckets", lambda steps, *a: {b: 0.01 * b for b in fake})
     assert engine.auto_max_batch() == 1
+    engine.close()
+
+
+def test_bucket_timing_stops_past_the_peak_and_within_its_budget(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = Engine(Settings(checkpoint=str(tiny_ckpt), buckets=[1, 2, 4, 8, 16]), Metrics())
+    engine.warmup()
+    calls: list[int] = []
+    seconds = {1: 0.01, 2: 0.01, 4: 0.04, 8: 0.04, 16: 0.01}  # images/s 100, 200, 100: past the peak
+
+    def fake_replay(slot):  # type: ignore[no-untyped-def]
+        calls.append(slot.bucket)
+        time.sleep(seconds[slot.bucket])
+
+    monkeypatch.setattr("server.runner.replay", fake_replay)
+    timed = engine.runner.time_buckets(2, rounds=3, past_peak=0.10)
+    assert set(timed) == {1, 2, 4} and calls == [1, 2, 4] * 3  # 8 and 16 never timed
+    calls.clear()
+    timed = engine.runner.time_buckets(2, rounds=3, budget_s=0.0)  # one round, however fast
+    assert set(timed) == {1, 2, 4, 8, 16} and calls == [1, 2, 4, 8, 16]
     engine.close()
