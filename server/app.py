@@ -315,6 +315,7 @@ async def _start(st: ServerState) -> None:
                 tenant_share=s.key_queue_share,
                 batch_share=s.batch_queue_share,
                 score_fn=engine.score,
+                background_share=s.shadow_max_share,
             )
         else:
             batcher = Batcher(
@@ -328,6 +329,7 @@ async def _start(st: ServerState) -> None:
                 tenant_share=s.key_queue_share,
                 batch_share=s.batch_queue_share,
                 score_fn=engine.score,
+                background_share=s.shadow_max_share,
             )
         st.batcher = batcher
         batcher.start()

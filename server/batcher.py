@@ -13,13 +13,16 @@
 - A batch that raises fails only its own requests (`BatchFailed`); the loop carries on.
 - Priority: `batch` jobs run only while no `interactive` job waits, and are refused (429) once
   the queue holds `batch_share` of its bound. Background tasks (shadow sampling) run one slice
-  at a time, only while no job waits at all.
+  at a time, only while no job waits at all, and within `background_share` of the compute
+  thread's time: a job that arrives during a slice waits for it, so slices must stay rare
+  where one costs as much as a batch (a CPU).
 - `score_fn` (the accept check) runs on the compute thread right after each batch, over it all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -43,6 +46,7 @@ ScoreFn = Callable[[str, np.ndarray, list[int | None]], np.ndarray | None]
 # One slice of background work on the compute thread -> True once the task is finished.
 Background = Callable[[], bool]
 PRIORITIES = ("interactive", "batch")
+BACKGROUND_WINDOW_S = 10.0  # the window over which background work keeps to its share
 
 
 class QueueFull(Exception):
@@ -116,6 +120,7 @@ class Batcher:
         batch_share: float = 1.0,
         score_fn: ScoreFn | None = None,
         max_background: int = 64,
+        background_share: float = 0.05,
     ) -> None:
         self.run_batch = run_batch
         self.score_fn = score_fn
@@ -123,6 +128,8 @@ class Batcher:
         self.batch_limit = max(1, math.floor(batch_share * max_queue_images))
         self._background: deque[Background] = deque()
         self.max_background = max_background
+        self.background_share = background_share
+        self._slices: deque[tuple[float, float]] = deque()  # (end, seconds) of recent slices
         # most images one tenant may have queued (1.0: no cap beyond the queue's own)
         self.tenant_limit = max(1, math.floor(tenant_share * max_queue_images))
         self._tenant_images: dict[str, int] = {}
@@ -187,16 +194,47 @@ class Batcher:
         self._wakeup.set()
         return True
 
-    async def _run_background(self) -> None:
-        """One slice of the oldest background task on the compute thread."""
+    def _background_wait(self) -> float:
+        """Seconds until background work may take another slice: 0 while the slices of the last
+        `BACKGROUND_WINDOW_S` took under `background_share` of it."""
+        now = time.monotonic()
+        while self._slices and self._slices[0][0] < now - BACKGROUND_WINDOW_S:
+            self._slices.popleft()
+        over = sum(s for _, s in self._slices) - self.background_share * BACKGROUND_WINDOW_S
+        if over < 0:
+            return 0.0
+        # wait until enough of the oldest slices have left the window
+        left = over
+        for end, s in self._slices:
+            left -= s
+            if left < 0:
+                return max(1e-3, end + BACKGROUND_WINDOW_S - now)
+        return BACKGROUND_WINDOW_S
+
+    async def _idle_background(self) -> bool:
+        """With no job waiting: run one background slice, or wait for a job (or the share to
+        allow the next slice). -> False when there is no background work (wait for a job)."""
+        if not self._background:
+            return False
+        wait = self._background_wait()
+        if wait > 0:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+            return True
         task = self._background.popleft()
+        t0 = time.monotonic()
         try:
             done = await asyncio.get_running_loop().run_in_executor(self._executor, task)
         except Exception:
             log.exception("background task failed; dropped")
-            return
+            return True
+        finally:
+            t1 = time.monotonic()
+            self._slices.append((t1, t1 - t0))
         if not done:
             self._background.appendleft(task)
+        return True
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -293,8 +331,7 @@ class Batcher:
         while True:
             if not self._pending:
                 self._idle.set()
-                if self._background:
-                    await self._run_background()
+                if await self._idle_background():
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ from fastapi import Depends, Request
 from server.batcher import Batcher
 from server.engine import Engine
 from server.fairness import RateLimiter
+from server.keys import key_ok
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -72,19 +72,6 @@ async def get_state(request: Request) -> ServerState:
 
 
 State = Annotated[ServerState, Depends(get_state)]
-
-
-def key_ok(authorization: str, keys: list[str]) -> bool:
-    """Whether an Authorization header carries one of `keys` (none configured: always)."""
-    if not keys:
-        return True
-    scheme, _, token = authorization.partition(" ")
-    ok = False
-    if scheme.lower() == "bearer" and token:
-        # compare against every key so the time taken does not tell which (or whether one) matched
-        for k in keys:
-            ok |= hmac.compare_digest(token.encode(), k.encode())
-    return ok
 
 
 def readiness(st: ServerState) -> tuple[int, str]:

@@ -230,9 +230,9 @@ class Served:
 class Policy:
     """What a request asks of its accept checks (resolved against the server's settings)."""
 
-    on_reject: str = "return"
-    max_attempts: int = 1
-    threshold: float = 0.9
+    on_reject: str  # return | resample | escalate
+    max_attempts: int
+    threshold: float
 
 
 def _policy(req: GenerateRequest, s: Settings) -> Policy:
@@ -251,7 +251,7 @@ def _start_rung(req: GenerateRequest, sm: ServedModel, st: ServerState) -> tuple
         own = [i for i, t in enumerate(rungs) if t.sampler == (sm.name, req.steps)]
         if not own:
             return -1, None, False
-        pos = own[-1] if len(own) > 1 and rungs[own[-1]].name == "standard" else own[0]
+        pos = next((i for i in own if rungs[i].name == "standard"), own[0])
     else:
         pos = [t.name for t in rungs].index(req.quality)
     asked = rungs[pos].name
@@ -299,7 +299,7 @@ async def serve(
     model, steps = rungs[pos].sampler if pos >= 0 else (sm.name, req.steps)
     seeds = [seed] * req.n if same_seed else [seed + i for i in range(req.n)]
     drawn = [Drawn(s, pos, model, steps) for s in seeds]
-    policy = _policy(req, st.settings) if edits is None else Policy()
+    policy = _policy(req, st.settings) if edits is None else Policy("return", 1, st.settings.accept_threshold)
     when, who = (t_arrive + timeout, timeout), (tenant, rid)
     jobs: list[Job] = []  # every job of the request (the disconnect watcher flags them all)
     results: list[JobResult] = []

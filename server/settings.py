@@ -117,6 +117,13 @@ class Settings(BaseSettings):
         description="Share of requests whose first image is also drawn at the reference tier, only "
         "while no request waits, to compare scores (metrics only; the client never sees it).",
     )
+    shadow_max_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Most of the compute thread's time (over 10 s) shadow draws may take; beyond it "
+        "they wait, and past 64 waiting they are dropped (counted).",
+    )
     latency_slo_ms: float = Field(
         0.0,
         ge=0,
@@ -135,7 +142,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=65535,
-        description="Also serve /healthz, /readyz and /metrics on this port, from a thread of their own, "
+        description="Also serve /healthz, /readyz and /metrics on this port, from a process of their own, "
         "so probes and scrapes answer however busy the API is; 0 = only on the main port.",
     )
     playground: bool = Field(

@@ -62,6 +62,7 @@ class StepBatcher(Batcher):
         tenant_share: float = 1.0,
         batch_share: float = 1.0,
         score_fn: ScoreFn | None = None,
+        background_share: float = 0.05,
     ) -> None:
         super().__init__(
             lambda *a: np.empty(0),  # unused: the step loop below replaces the batch dispatch
@@ -73,6 +74,7 @@ class StepBatcher(Batcher):
             tenant_share=tenant_share,
             batch_share=batch_share,
             score_fn=score_fn,
+            background_share=background_share,
         )
         self._eval_s: dict[str, float] = {}  # EWMA of one evaluation's wall time per model
         self.rows_fn, self.step_fn, self.clear_fn = rows_fn, step_fn, clear_fn
@@ -166,8 +168,7 @@ class StepBatcher(Batcher):
             if not self._pending and not any(self._in_flight.values()):
                 self._running = []
                 self._idle.set()
-                if self._background:
-                    await self._run_background()
+                if await self._idle_background():
                     continue
                 self._wakeup.clear()
                 await self._wakeup.wait()

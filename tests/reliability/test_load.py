@@ -123,8 +123,8 @@ def _quantile(xs: list[float], q: float) -> float:
 
 def test_ops_port_answers_under_a_connection_flood(real_size_ckpt: Path, tmp_path: Path) -> None:
     """300 connections sending n = 8 back to back for 30 s (far past saturation): /healthz and
-    /metrics on the ops port keep answering fast while the same /healthz on the API's port waits
-    behind the flood; every API request gets one answer."""
+    /metrics on the ops port (a process of its own) keep answering fast while the same /healthz
+    on the API's port waits behind the flood; every API request gets one answer."""
     ops_port, duration = free_port(), 30.0
     args = ("--checkpoint", str(real_size_ckpt), "--buckets", "1,2,4,8,16,32", "--max-batch-size", str(BATCH),
             "--max-queue-images", str(QUEUE), "--ops-port", str(ops_port))  # fmt: skip
@@ -151,10 +151,8 @@ def test_ops_port_answers_under_a_connection_flood(real_size_ckpt: Path, tmp_pat
         f"\nflood: {res.sent} requests {statuses}; ops port ({len(ops)} probes) {ms(ops)}; API port {ms(api)}"
     )
     assert probes["fails"] == 0 and len(ops) >= 2 * duration
-    # the aim is p99 <= 100 ms and max <= 250 ms; on the 2-core VM runs read p99 52-120 ms and
-    # max 117-230 ms (the ops thread still shares the GIL with a flooded event loop), so the test
-    # holds the bound every run met, and that the ops port beats the API port by far
-    assert _quantile(ops, 0.99) <= 0.250 and max(ops) <= 0.500, (_quantile(ops, 0.99), max(ops))
+    # the ops process shares only the cores with the flooded server, not its GIL
+    assert _quantile(ops, 0.99) <= 0.100 and max(ops) <= 0.250, (_quantile(ops, 0.99), max(ops))
     assert _quantile(ops, 0.99) < _quantile(api, 0.99) / 2
     assert sum(res.statuses.values()) == res.sent and answered == res.sent  # nothing lost
     assert set(res.statuses) <= {200, 429}, res.statuses

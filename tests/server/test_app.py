@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -283,16 +284,60 @@ async def test_ops_port_serves_health_readiness_and_metrics(tiny_ckpt: Path) -> 
         ops = f"http://127.0.0.1:{port}"
         auth = {"authorization": "Bearer k"}
         async with httpx.AsyncClient(base_url=ops, timeout=5) as o:
+
+            async def settles(path: str, code: int) -> httpx.Response:
+                """The ops process answers from a snapshot at most PUBLISH_S old."""
+                for _ in range(40):
+                    r = await o.get(path, headers=auth)
+                    if r.status_code == code:
+                        break
+                    await asyncio.sleep(0.1)
+                return r
+
             assert (await o.get("/healthz")).status_code == 401  # protected like the main port's
             assert (await o.get("/healthz", headers=auth)).json() == {"status": "ok"}
-            r = await o.get("/readyz", headers=auth)
+            r = await settles("/readyz", 200)
             assert (r.status_code, r.json()) == (200, {"status": "ready"})
             m = await o.get("/metrics", headers=auth)
             assert m.status_code == 200 and "cmserve_ready 1.0" in m.text
+            assert m.headers["content-type"].startswith("text/plain")
             assert (await o.get("/v1/models", headers=auth)).status_code == 404
             app.state.cm.begin_drain()
-            r = await o.get("/readyz", headers=auth)
+            r = await settles("/readyz", 503)
             assert (r.status_code, r.json()) == (503, {"status": "draining"})
+
+
+async def test_ops_liveness_fails_when_the_event_loop_hangs(tiny_ckpt: Path) -> None:
+    """The ops process says 503 on /healthz once the server's event loop has not run for
+    stall_s, and 200 again when it runs; it goes away with the server."""
+    from bench.procs import free_port
+    from server.deps import ServerState
+    from server.metrics import Metrics
+    from server.ops_listener import OpsServer
+
+    port = free_port()
+    st = ServerState(_settings(tiny_ckpt), Metrics())
+    ops = OpsServer(st, "127.0.0.1", port, stall_s=0.6).start()
+    url = f"http://127.0.0.1:{port}/healthz"
+    try:
+        assert httpx.get(url, timeout=2).status_code == 200
+        seen: list[int] = []
+
+        def two_probes() -> None:  # at once, and 1.5 s into the hang
+            seen.append(httpx.get(url, timeout=2).status_code)
+            time.sleep(1.5)
+            seen.append(httpx.get(url, timeout=2).status_code)
+
+        probe = threading.Thread(target=two_probes)
+        probe.start()
+        time.sleep(2.0)  # the event loop hangs (this coroutine blocks it)
+        probe.join()
+        assert seen == [200, 503]
+        await asyncio.sleep(1.0)  # the loop runs again: the next snapshot carries a fresh beat
+        assert httpx.get(url, timeout=2).status_code == 200
+    finally:
+        ops.stop()
+    assert not ops.proc.is_alive()
 
 
 async def test_one_validation_vocabulary(tiny_ckpt: Path) -> None:

@@ -347,3 +347,24 @@ async def test_scores_run_after_each_batch_and_are_split_per_request() -> None:
     assert calls == [("", 1), ("", 3)]  # one call per batch, over all of it
     assert ra.scores is not None and list(ra.scores) == [0.1, 0.2] and list(rc.scores) == [0.3]
     await b.stop()
+
+
+async def test_background_work_keeps_to_its_share_of_the_compute_thread() -> None:
+    s = FakeSampler()
+    b = _batcher(s, background_share=0.01)  # 0.1 s per 10 s window
+    slices: list[float] = []
+
+    def task() -> bool:  # never finishes; each slice takes 50 ms
+        slices.append(time.monotonic())
+        time.sleep(0.05)
+        return False
+
+    b.submit_background(task)
+    await asyncio.sleep(0.6)
+    assert len(slices) == 2  # 2 x 50 ms fill the share; the rest waits for the window to move
+    job = _job(2, [7])
+    t0 = time.monotonic()
+    b.submit(job)  # jobs are not held back by the share
+    await asyncio.wait_for(job.future, 2)
+    assert time.monotonic() - t0 < 0.2 and len(slices) == 2
+    await b.stop()
