@@ -132,8 +132,8 @@ def bench_quality(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--device", args.device, "--log-level", "warning",
            "--max-attempts", "3", "--latency-slo-ms", str(args.slo_ms), "--max-queue-images", "100000",
            "--max-timeout-s", "600", "--default-timeout-s", "600"]  # fmt: skip
-    if args.quick:
-        cmd += ["--buckets", "1,2,4,8", "--max-batch-size", "8"]
+    # a pinned max batch: auto re-times at each start, and the two servers compared must match
+    cmd += ["--buckets", "1,2,4,8", "--max-batch-size", "8"] if args.quick else ["--max-batch-size", "32"]
     proc = Proc(cmd, "/readyz", tmp / "server.log", ready_timeout=600)
     result: dict[str, Any] = {"slo_ms": args.slo_ms, "n": args.n, "requests": args.requests, "tiers": []}
     try:

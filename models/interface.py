@@ -19,7 +19,7 @@ import torch
 
 from models.grid import to_uint8
 
-FAMILIES = ("trigflow", "edm")
+FAMILIES = ("trigflow", "edm", "latent")
 KINDS = ("consistency", "diffusion")
 
 
@@ -63,6 +63,8 @@ class ModelInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     time_name: str = "t"  # what the schedules' numbers are: "t" (TrigFlow) or "sigma" (EDM)
     sigma_data: float = 0.5  # the data's standard deviation the parametrization assumes
+    conditioning_text: bool = False  # conditioned on a prompt (labels are rows of its text table)
+    latent_shape: tuple[int, int, int] | None = None  # sampled in a latent space of this shape
 
     @property
     def num_classes(self) -> int:
@@ -70,12 +72,17 @@ class ModelInfo:
 
     @property
     def conditioning(self) -> str:
-        return "class" if self.class_names else "none"
+        return "text" if self.conditioning_text else ("class" if self.class_names else "none")
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of what the sampler draws: the latent, or the image itself."""
+        return self.latent_shape or (self.channels, self.image_size, self.image_size)
 
     @property
     def unconditional_ok(self) -> bool:
         """Whether a request may leave `class_label` out."""
-        return not self.class_names or self.null_label is not None
+        return self.conditioning_text or not self.class_names or self.null_label is not None
 
     @property
     def pad_label(self) -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from models import diffusers_cm
+from models import diffusers_cm, latent_cm
 from models.checkpoint import CheckpointError, card_paths, load_checkpoint
 from models.interface import ConsistencyModel, ModelInfo
 
@@ -14,6 +14,8 @@ LAYOUTS = (
     "a cmserve checkpoint (NAME.json card beside NAME.safetensors: the trigflow family)",
     "a diffusers ConsistencyModelPipeline directory (unet/config.json, "
     "unet/diffusion_pytorch_model.safetensors, scheduler/scheduler_config.json: the edm family)",
+    "a diffusers LatentConsistencyModelPipeline directory (model_index.json, unet/, scheduler/, vae/, "
+    "text_encoder/, tokenizer/: the latent family, prompted)",
 )
 
 
@@ -23,6 +25,8 @@ def load_model(
     """-> (model in eval mode on `device`, its info, served as `name` or the model's own name).
     Raises CheckpointError naming the layouts understood and what the path lacks."""
     p = Path(path)
+    if latent_cm.is_layout(p):  # before the CM test: an LCM directory also has unet/ and scheduler/
+        return latent_cm.load_latent_cm(p, device, name)
     if diffusers_cm.is_layout(p):
         return diffusers_cm.load_diffusers_cm(p, device, name)
     js, _ = card_paths(p)

@@ -148,6 +148,8 @@ class Engine:
             )
             weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
             stepper = None
+            if settings.batching == "step" and card.latent_shape is not None:
+                raise ValueError(f"{card.name}: latent models are served with --batching request")
             if settings.batching == "step":
                 stepper = StepRunner(
                     model, card, settings.buckets, self.device, use_graphs=use_graphs, metrics=self.metrics
@@ -276,7 +278,7 @@ class Engine:
         """-> [S, B, C, H, W]: image i's noise for every step from its own generator (for an
         interpolation frame, the slerp of its two seeds' noises)."""
         runner = self.get(model).runner
-        shape = (runner.noise_slices(steps), *runner.image_shape)
+        shape = (runner.noise_slices(steps), *runner.noise_shape)
 
         def draw(seed: int) -> torch.Tensor:
             return torch.randn(shape, generator=torch.Generator().manual_seed(seed))

@@ -107,6 +107,9 @@ class SamplerRunner:
         self.dtype = dtype
         self.metrics = metrics or Metrics()
         self.image_shape = (card.channels, card.image_size, card.image_size)
+        self.noise_shape = card.noise_shape  # the latent's, for a latent model
+        # a latent model's images are its decoder's output of the sampled latents
+        self.decode = getattr(model, "decode", None)
         self.pad_label = card.pad_label
         self.slots: dict[tuple[int, int], Slot] = {}
         self.capture_s = 0.0
@@ -126,7 +129,7 @@ class SamplerRunner:
     def _make_slot(self, bucket: int, steps: int) -> Slot:
         S = self.noise_slices(steps)
         dev = self.device
-        noise = torch.zeros((S, bucket, *self.image_shape), device=dev)
+        noise = torch.zeros((S, bucket, *self.noise_shape), device=dev)
         labels = torch.full((bucket,), self.pad_label, dtype=torch.long, device=dev)
         times = torch.tensor(self.card.schedules[steps], dtype=torch.float32, device=dev)
         out = torch.zeros((bucket, *self.image_shape), device=dev)
@@ -137,10 +140,11 @@ class SamplerRunner:
             # each row's own times and edit constraint, as data: one graph serves any mix of
             # plain and edit rows (models/editing.py)
             times = times[:, None].repeat(1, bucket).contiguous()
-            edit = Constraint.empty(bucket, self.image_shape, dev)
+            edit = Constraint.empty(bucket, self.noise_shape, dev)
+            decode = self.decode or (lambda x: x)
 
             def sample() -> torch.Tensor:
-                return consistency_sample(model, noise, labels, times, edit)
+                return decode(consistency_sample(model, noise, labels, times, edit))
         else:  # a TrigFlow teacher (the only diffusion kind a loader produces)
             velocity, sigma_d = model.ode_velocity, model.sigma_d  # type: ignore[attr-defined]
 
