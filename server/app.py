@@ -264,6 +264,7 @@ def model_card(m: ServedModel, default: bool) -> ModelCardResponse:
         channels=c.channels,
         classes=list(c.class_names),
         unconditional=c.unconditional_ok,
+        conditioning=c.conditioning,
         time=c.time_name,
         supported_steps=c.steps,
         default_steps=c.steps_default,

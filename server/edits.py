@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from models.editing import RowEdit, patch_sizes
 from models.interface import ModelInfo
 from server.deps import ApiError, ServerState
-from server.generate import json_response, parse_body, read_json, ready_engine, serve, validate
+from server.generate import json_response, parse_body, read_json, ready_engine, serve, served_model, validate
 from server.schemas import MAX_SEED, TIMEOUT_HELP, JsonInt, Seconds
 
 
@@ -238,11 +238,22 @@ def build_edit(req: EditRequest, card: ModelInfo, image: bytes | None, mask: byt
     return RowEdit("inpaint", ref=ref, keep=keep)
 
 
+def pixel_model(engine: Any, name: str | None) -> None:
+    """422 for a prompted latent model: edits constrain pixels of a class-conditional image."""
+    card = served_model(engine, name).card
+    if card.conditioning_text:
+        raise ApiError(
+            422, f"model {card.name!r} is a prompted latent model; edits and interpolations need a "
+            "class-conditional or unconditional one", param="model", code="unsupported_model",
+        )  # fmt: skip
+
+
 async def images_edits(request: Request, st: ServerState) -> Any:
     t_arrive = time.monotonic()
     engine = ready_engine(st)
     fields, image, mask = await read_edit(request)
     ereq = parse_body(EditRequest, fields)
+    pixel_model(engine, ereq.model)
     gen = {k: getattr(ereq, k) for k in ("model", "class_label", "n", "seed", "steps", "timeout_s")}
     req, sm = validate({k: v for k, v in gen.items() if v is not None}, st, engine)
     edit = build_edit(ereq, sm.card, image, mask)
@@ -263,6 +274,7 @@ async def images_interpolations(request: Request, st: ServerState) -> Any:
     t_arrive = time.monotonic()
     engine = ready_engine(st)
     ireq = parse_body(InterpolationRequest, await read_json(request))
+    pixel_model(engine, ireq.model)
     gen = {"model": ireq.model, "class_label": ireq.class_label, "n": ireq.frames, "seed": ireq.seed,
            "steps": ireq.steps, "timeout_s": ireq.timeout_s}  # fmt: skip
     try:

@@ -103,6 +103,24 @@ def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[Gene
     req = parse_body(GenerateRequest, obj)
     sm = served_model(engine, req.model)
     card = sm.card
+    if card.conditioning_text:
+        if req.class_label is not None:
+            raise ApiError(
+                422, f"model {card.name!r} is prompted: give prompt, not class_label", param="class_label",
+                code="prompt_required",
+            )  # fmt: skip
+        if not (req.prompt or "").strip():
+            raise ApiError(
+                422, f"model {card.name!r} is prompted: give a non-empty prompt", param="prompt",
+                code="prompt_required",
+            )  # fmt: skip
+    else:
+        for field in ("prompt", "guidance_scale"):
+            if getattr(req, field) is not None:
+                raise ApiError(
+                    422, f"{field}: model {card.name!r} is not prompted (it takes class_label)", param=field,
+                    code="not_prompted",
+                )  # fmt: skip
     if req.class_label is None and not card.unconditional_ok:
         raise ApiError(
             422,
@@ -224,6 +242,7 @@ class Served:
     tier: str | None = None  # the rung it ran at first
     requested_tier: str | None = None
     degraded: bool = False
+    prompt_truncated: bool | None = None
 
 
 @dataclass
@@ -299,6 +318,10 @@ async def serve(
     model, steps = rungs[pos].sampler if pos >= 0 else (sm.name, req.steps)
     seeds = [seed] * req.n if same_seed else [seed + i for i in range(req.n)]
     drawn = [Drawn(s, pos, model, steps) for s in seeds]
+    text = None  # a prompted model's (table, row, truncated): its images' label is that row
+    if sm.card.conditioning_text:
+        text = await _text_row(st, sm, req)
+        req.class_label = text[1]  # the row rides as the label through batcher and runner
     policy = _policy(req, st.settings) if edits is None else Policy("return", 1, st.settings.accept_threshold)
     when, who = (t_arrive + timeout, timeout), (tenant, rid)
     jobs: list[Job] = []  # every job of the request (the disconnect watcher flags them all)
@@ -335,6 +358,9 @@ async def serve(
     finally:
         watcher.cancel()
         m.inflight.dec()
+        if text is not None:
+            text[0].release(text[1])
+            req.class_label = None
     if edits is None and st.settings.shadow_fraction > 0:
         shadow.maybe_shadow(st, sm, req.class_label, drawn[0], policy.threshold)
     total_s = time.monotonic() - t_arrive
@@ -343,7 +369,24 @@ async def serve(
         encode=encode_s * 1e3, total=total_s * 1e3,
     )  # fmt: skip
     tier = rungs[pos].name if pos >= 0 else None
-    return Served(pngs, seed, steps, timings, drawn, tier, asked, degraded)
+    return Served(pngs, seed, steps, timings, drawn, tier, asked, degraded, None if text is None else text[2])
+
+
+DEFAULT_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
+
+
+async def _text_row(st: ServerState, sm: ServedModel, req: GenerateRequest) -> tuple[Any, int, bool]:
+    """The text-table row of the request's (prompt, w), encoded on the compute thread on a miss
+    and pinned until `release`. -> (table, row, whether the prompt was truncated)."""
+    assert st.engine is not None and req.prompt is not None
+    table = sm.model.conditions  # type: ignore[attr-defined]
+    w = DEFAULT_GUIDANCE if req.guidance_scale is None else float(req.guidance_scale)
+    hits = table.hits
+    row, cut = await asyncio.get_running_loop().run_in_executor(
+        st.engine.executor, table.acquire, req.prompt, w
+    )
+    st.metrics.text_cache.labels(sm.name, "hit" if table.hits > hits else "miss").inc()
+    return table, row, cut
 
 
 def _reroll(
@@ -509,7 +552,8 @@ async def generate(request: Request, st: ServerState) -> Any:
     ]
     body = GenerateResponse(
         model=sm.name, steps=served.steps, tier=served.tier, requested_tier=served.requested_tier,
-        degraded=served.degraded, created=int(time.time()), data=data, timings_ms=timings,
+        degraded=served.degraded, prompt_truncated=served.prompt_truncated, created=int(time.time()),
+        data=data, timings_ms=timings,
     )  # fmt: skip
     # serialized once here: returning the model would make FastAPI validate it a second time
     return Response(body.model_dump_json(), media_type="application/json")

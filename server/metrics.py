@@ -232,6 +232,12 @@ class Metrics:
             "Shadow draws not queued because the shadow backlog was full.",
             registry=r,
         )
+        self.text_cache = Counter(
+            "cmserve_text_cache_lookups_total",
+            "A prompted model's text-embedding table lookups: hit (encoded before) or miss (encoded now).",
+            ["model", "result"],
+            registry=r,
+        )
         self.ready = Gauge(
             "cmserve_ready", "1 once the model is loaded and warmed up, 0 otherwise.", registry=r
         )

@@ -129,6 +129,7 @@ async def images_generations(request: Request, st: ServerState) -> Any:
         "steps": oreq.steps,
         "timeout_s": oreq.timeout_s,
         "quality": OPENAI_QUALITY[oreq.quality] if oreq.quality else None,
+        "prompt": oreq.prompt if card.conditioning_text else None,  # a prompted model reads it whole
     }
     try:
         req, _ = validate({k: v for k, v in fields.items() if v is not None}, st, engine)

@@ -201,7 +201,10 @@ def _limit_schema(req: dict[str, Any], st: ServerState) -> None:
     props["steps"].pop("minimum", None)
     props["steps"]["enum"] = sorted({s for c in cards for s in c.steps})
     props["model"] = {"anyOf": [{"type": "string", "enum": [c.name for c in cards]}, {"type": "null"}]}
-    if "prompt" in props and all(c.class_names for c in cards):
+    if "size" not in props and not any(c.conditioning_text for c in cards):
+        for field in [f for f in ("prompt", "guidance_scale") if f in props]:  # prompted models only
+            props[field] = {"type": "null", "description": props[field].get("description", "")}
+    if "size" in props and all(c.class_names for c in cards):
         # the OpenAI body: only a prompt some model accepts is schema-valid
         prompts = [p for c in cards for p in openai_images.accepted_prompts(c.class_names)]
         props["prompt"] = {**props["prompt"], "enum": list(dict.fromkeys(prompts))}

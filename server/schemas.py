@@ -41,6 +41,15 @@ class GenerateRequest(BaseModel):
         description="Class to draw (see GET /v1/models); null = unconditional, where the model has an "
         "unconditional mode (`unconditional` in /v1/models).",
     )
+    prompt: str | None = Field(
+        None,
+        max_length=4000,
+        description="What to draw, for a prompted model (`conditioning: text` in /v1/models); longer "
+        "than its tokenizer's window it is truncated, and `prompt_truncated` says so.",
+    )
+    guidance_scale: Annotated[StrictFloat | StrictInt, Field(ge=0, le=50)] | None = Field(
+        None, description="A prompted model's guidance scale w (LCM embeds it); omitted = 8.5."
+    )
     n: JsonInt = Field(1, ge=1, description="Number of images (at most the server's max_images_per_request).")
     seed: Annotated[JsonInt, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="Image i uses seed + i; omitted = random, returned per image."
@@ -118,6 +127,9 @@ class GenerateResponse(BaseModel):
     tier: str | None = Field(description="The tier the request ran at first.")
     requested_tier: str | None
     degraded: bool = Field(description="Run one tier below the one asked, to meet the latency objective.")
+    prompt_truncated: bool | None = Field(
+        None, description="A prompted model: whether the prompt was cut to its tokenizer's window."
+    )
     created: int
     data: list[ImageData]
     timings_ms: Timings
@@ -147,6 +159,7 @@ class ModelCardResponse(BaseModel):
     classes: list[str]
     unconditional: bool
     time: str
+    conditioning: str = Field(description="class (class_label), text (prompt) or none")
     supported_steps: list[int]
     default_steps: int
     tiers: dict[str, dict[str, Any]] = Field(description="quality tier -> the model and steps that draw it")

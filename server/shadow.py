@@ -102,6 +102,8 @@ def maybe_shadow(st: ServerState, sm: ServedModel, label: int | None, d: Drawn, 
     model has a reference tier, the image was scored, and it was not itself drawn there."""
     if random.random() >= st.settings.shadow_fraction or st.batcher is None or st.engine is None:
         return
+    if sm.card.conditioning_text:  # its label is a text-table row, released by now
+        return
     ref = next((t for t in sm.tiers if t.name == "reference"), None)
     if ref is None or d.score is None or d.accepted is None or d.pos < 0 or sm.tiers[d.pos] == ref:
         return
