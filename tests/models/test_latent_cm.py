@@ -55,7 +55,7 @@ def test_images_equal_the_diffusers_pipeline(lcm_dir: Path, steps: int, guidance
     assert info.family == "latent" and info.conditioning == "text" and info.image_size == 16
     assert got.shape == want.shape == (1, 3, 16, 16)
     diff = (got - want).abs().max().item()
-    print(f"\nlatent family vs LatentConsistencyModelPipeline, {steps} steps, w {guidance}: max |diff| {diff:.2e}")
+    print(f"\nlatent vs LatentConsistencyModelPipeline, {steps} steps, w {guidance}: max |diff| {diff:.2e}")
     assert diff < TOL, diff
 
 
