@@ -22,7 +22,7 @@ WHEELS = [
     "fastapi", "starlette", "pydantic", "pydantic-core", "annotated-types", "annotated-doc",
     "typing-inspection", "typing-extensions", "pydantic-settings", "python-dotenv", "uvicorn",
     "opentelemetry-api", "litserve", "pyzmq", "mlxtend", "diffusers", "importlib-metadata",
-    "python-multipart", "fastapi-offline",
+    "python-multipart", "fastapi-offline", "transformers", "tokenizers", "typer", "shellingham",
 ]  # fmt: skip
 PYTHON = "3.12"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
