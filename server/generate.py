@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from models.editing import RowEdit
 from models.grid import png_bytes
-from server import shadow, tiers
+from server import accept, shadow
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, JobResult, QueueFull
 from server.deps import ApiError, ServerState
 from server.engine import Engine, ServedModel, UnknownModel
@@ -219,70 +219,16 @@ JS_SAFE_SEEDS = 2**53
 
 
 @dataclass
-class Drawn:
-    """One image of a request as it will be served, and how it was drawn."""
-
-    seed: int  # the seed that drew it
-    pos: int  # its rung on the model's tier ladder (-1: steps outside the tiers)
-    model: str
-    steps: int
-    image: np.ndarray | None = None
-    score: float | None = None
-    accepted: bool | None = None
-    attempts: int = 0
-
-
-@dataclass
 class Served:
     pngs: list[bytes]
     seed: int  # the request's first seed (image i's own is drawn[i].seed)
     steps: int
     timings: Timings
-    drawn: list[Drawn]
+    drawn: list[accept.Drawn]
     tier: str | None = None  # the rung it ran at first
     requested_tier: str | None = None
     degraded: bool = False
     prompt_truncated: bool | None = None
-
-
-@dataclass
-class Policy:
-    """What a request asks of its accept checks (resolved against the server's settings)."""
-
-    on_reject: str  # return | resample | escalate
-    max_attempts: int
-    threshold: float
-
-
-def _policy(req: GenerateRequest, s: Settings) -> Policy:
-    return Policy(
-        req.on_reject or s.on_reject,
-        req.max_attempts or s.max_attempts,
-        s.accept_threshold if req.accept_threshold is None else float(req.accept_threshold),
-    )
-
-
-def _start_rung(req: GenerateRequest, sm: ServedModel, st: ServerState) -> tuple[int, str | None, bool]:
-    """-> (rung the request starts at, the tier it asked for, degraded). Degrades one rung when
-    the latency objective would be missed and the request allows it."""
-    rungs = sm.tiers
-    if req.quality is None:
-        own = [i for i, t in enumerate(rungs) if t.sampler == (sm.name, req.steps)]
-        if not own:
-            return -1, None, False
-        pos = next((i for i in own if rungs[i].name == "standard"), own[0])
-    else:
-        pos = [t.name for t in rungs].index(req.quality)
-    asked = rungs[pos].name
-    s, batcher = st.settings, st.batcher
-    allow = s.allow_degrade if req.allow_degrade is None else req.allow_degrade
-    if s.latency_slo_ms > 0 and allow and batcher is not None:
-        rung = rungs[pos]
-        down = tiers.step_down(rungs, pos)
-        if down is not None and batcher.predict_s(rung.model, rung.steps) * 1e3 > s.latency_slo_ms:
-            st.metrics.degraded.labels(sm.name, asked, rungs[down].name).inc()
-            return down, asked, True
-    return pos, asked, False
 
 
 async def serve(
@@ -313,16 +259,20 @@ async def serve(
             429, "this key's request rate is over its limit; retry later", code="key_rate_limited",
             headers={"Retry-After": str(wait)},
         )  # fmt: skip
-    pos, asked, degraded = _start_rung(req, sm, st) if edits is None else (-1, None, False)
+    pos, asked, degraded = accept.start_rung(req, sm, st) if edits is None else (-1, None, False)
     rungs = sm.tiers
     model, steps = rungs[pos].sampler if pos >= 0 else (sm.name, req.steps)
     seeds = [seed] * req.n if same_seed else [seed + i for i in range(req.n)]
-    drawn = [Drawn(s, pos, model, steps) for s in seeds]
+    drawn = [accept.Drawn(s, pos, model, steps) for s in seeds]
     text = None  # a prompted model's (table, row, truncated): its images' label is that row
     if sm.card.conditioning_text:
         text = await _text_row(st, sm, req)
         req.class_label = text[1]  # the row rides as the label through batcher and runner
-    policy = _policy(req, st.settings) if edits is None else Policy("return", 1, st.settings.accept_threshold)
+    policy = (
+        accept.policy_of(req, st.settings)
+        if edits is None
+        else accept.Policy("return", 1, st.settings.accept_threshold)
+    )
     when, who = (t_arrive + timeout, timeout), (tenant, rid)
     jobs: list[Job] = []  # every job of the request (the disconnect watcher flags them all)
     results: list[JobResult] = []
@@ -335,7 +285,7 @@ async def serve(
         for attempt in range(2, policy.max_attempts + 1):
             if policy.on_reject == "return":
                 break
-            redo = _reroll(drawn, rungs, policy, attempt, seeds, req.n)
+            redo = accept.reroll(drawn, rungs, policy, attempt, seeds, req.n)
             if not redo:
                 break
             m.rerolls.labels(sm.name, policy.on_reject).inc(len(redo))
@@ -389,30 +339,10 @@ async def _text_row(st: ServerState, sm: ServedModel, req: GenerateRequest) -> t
     return table, row, cut
 
 
-def _reroll(
-    drawn: list[Drawn], rungs: list[tiers.Tier], policy: Policy, attempt: int, seeds: list[int], n: int
-) -> list[int]:
-    """Indices of the rejected images to draw again at `attempt`, each moved to its new seed
-    (resample) or rung (escalate); an image already at the top rung stays as it is."""
-    redo = []
-    for i, d in enumerate(drawn):
-        if d.accepted is not False:
-            continue
-        if policy.on_reject == "resample":
-            d.seed = tiers.reroll_seed(seeds[i], attempt)
-        else:
-            up = tiers.step_up(rungs, d.pos) if d.pos >= 0 else None
-            if up is None:
-                continue
-            d.pos, (d.model, d.steps) = up, rungs[up].sampler
-        redo.append(i)
-    return redo
-
-
 async def _draw(
     st: ServerState,
     req: GenerateRequest,
-    drawn: list[Drawn],
+    drawn: list[accept.Drawn],
     which: list[int],
     edits: list[RowEdit | None] | None,
     deadline: tuple[float, float],
@@ -426,7 +356,7 @@ async def _draw(
     -> a bare 499 response when the client left, else None."""
     assert st.batcher is not None and st.engine is not None
     batcher, m, (tenant, rid) = st.batcher, st.metrics, who
-    (until, budget), threshold = deadline, _policy(req, st.settings).threshold
+    (until, budget), threshold = deadline, accept.policy_of(req, st.settings).threshold
     groups: dict[tuple[str, int], list[int]] = {}
     for i in which:
         groups.setdefault((drawn[i].model, drawn[i].steps), []).append(i)
@@ -478,27 +408,8 @@ async def _draw(
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
         results.append(result)
-        _record(st, st.engine.get(req.model).tiers, job, idx, drawn, result, threshold)
+        accept.record(st, st.engine.get(req.model).tiers, job, idx, drawn, result, threshold)
     return None
-
-
-def _record(
-    st: ServerState, rungs: list[tiers.Tier], job: Job, idx: list[int], drawn: list[Drawn], result: JobResult,
-    threshold: float,
-) -> None:  # fmt: skip
-    """Store a job's images and scores in the request's images, and count their cost."""
-    m = st.metrics
-    tier = next((t.name for t in rungs if t.sampler == job.key), "custom")
-    m.tier_images.labels(job.model, tier).inc(job.n)
-    m.tier_compute.labels(job.model, tier).inc(result.compute_s * job.n / max(1, result.batch_images))
-    for k, i in enumerate(idx):
-        d = drawn[i]
-        d.image, d.attempts = result.images[k], d.attempts + 1
-        d.score = None if result.scores is None else float(result.scores[k])
-        d.accepted = None if d.score is None else d.score >= threshold
-    if result.scores is not None:
-        m.scored_images.labels(job.model, tier).inc(job.n)
-        m.accepted_images.labels(job.model, tier).inc(int((result.scores >= threshold).sum()))
 
 
 QUEUE_FULL = {
@@ -559,5 +470,5 @@ async def generate(request: Request, st: ServerState) -> Any:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _tier(sm: ServedModel, d: Drawn) -> str | None:
+def _tier(sm: ServedModel, d: accept.Drawn) -> str | None:
     return sm.tiers[d.pos].name if d.pos >= 0 else None

@@ -22,8 +22,8 @@ from server.metrics import Metrics
 from server.tiers import Tier
 
 if TYPE_CHECKING:
+    from server.accept import Drawn
     from server.deps import ServerState
-    from server.generate import Drawn
 
 
 class ShadowDraw:
