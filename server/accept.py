@@ -71,7 +71,7 @@ def start_rung(req: GenerateRequest, sm: ServedModel, st: ServerState) -> tuple[
 
 
 def reroll(
-    drawn: list[Drawn], rungs: list[Tier], policy: Policy, attempt: int, seeds: list[int], n: int
+    drawn: list[Drawn], rungs: list[Tier], policy: Policy, attempt: int, seeds: list[int]
 ) -> list[int]:
     """Indices of the rejected images to draw again at `attempt`, each moved to its new seed
     (resample) or rung (escalate); an image already at the top rung stays as it is."""

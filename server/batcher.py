@@ -323,9 +323,14 @@ class Batcher:
             images += job.n
         return batch
 
-    def _fillable(self) -> int:
+    def _fill_wait(self) -> float:
+        """Seconds to hold a partial batch for company (`max_wait_s` from its oldest job), 0 once
+        the next batch is full or its wait is over."""
         waiting = self._waiting()
-        return sum(j.n for j in waiting if j.key == waiting[0].key)
+        first = waiting[0]
+        if sum(j.n for j in waiting if j.key == first.key) >= self.limit(first.model):
+            return 0.0
+        return first.enqueued + self.max_wait_s - time.monotonic()
 
     async def _loop(self) -> None:
         while True:
@@ -339,16 +344,11 @@ class Batcher:
             self._prune()
             if not self._pending:
                 continue
-            first = self._waiting()[0]
-            if self.max_wait_s > 0 and self._fillable() < self.limit(first.model):
-                left = first.enqueued + self.max_wait_s - time.monotonic()
-                if left > 0:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), left)
-                    except TimeoutError:
-                        pass
-                    continue
+            if self.max_wait_s > 0 and (left := self._fill_wait()) > 0:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                continue
             batch = self._select()
             for job in batch:
                 self._drop(job)

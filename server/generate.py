@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -264,33 +264,29 @@ async def serve(
     model, steps = rungs[pos].sampler if pos >= 0 else (sm.name, req.steps)
     seeds = [seed] * req.n if same_seed else [seed + i for i in range(req.n)]
     drawn = [accept.Drawn(s, pos, model, steps) for s in seeds]
+    policy = accept.policy_of(req, st.settings)
+    if edits is not None:  # edits are scored, never re-drawn
+        policy = accept.Policy("return", 1, policy.threshold)
     text = None  # a prompted model's (table, row, truncated): its images' label is that row
     if sm.card.conditioning_text:
         text = await _text_row(st, sm, req)
-        req.class_label = text[1]  # the row rides as the label through batcher and runner
-    policy = (
-        accept.policy_of(req, st.settings)
-        if edits is None
-        else accept.Policy("return", 1, st.settings.accept_threshold)
-    )
-    when, who = (t_arrive + timeout, timeout), (tenant, rid)
-    jobs: list[Job] = []  # every job of the request (the disconnect watcher flags them all)
-    results: list[JobResult] = []
+    label = req.class_label if text is None else text[1]
+    f = _Flight(st, req, drawn, label, t_arrive + timeout, timeout, tenant, rid, policy.threshold)
     m.inflight.inc()
-    watcher = asyncio.create_task(_watch_disconnect(request, jobs))
+    watcher = asyncio.create_task(_watch_disconnect(request, f.jobs))
     try:
-        first = await _draw(st, req, drawn, list(range(req.n)), edits, when, who, jobs, results)
+        first = await _draw(f, list(range(req.n)), edits)
         if first is not None:
             return first  # the client left
         for attempt in range(2, policy.max_attempts + 1):
             if policy.on_reject == "return":
                 break
-            redo = accept.reroll(drawn, rungs, policy, attempt, seeds, req.n)
+            redo = accept.reroll(drawn, rungs, policy, attempt, seeds)
             if not redo:
                 break
             m.rerolls.labels(sm.name, policy.on_reject).inc(len(redo))
             try:  # a re-roll that cannot run (queue full, deadline, failure) keeps what was drawn
-                gone = await _draw(st, req, drawn, redo, None, when, who, jobs, results)
+                gone = await _draw(f, redo, None)
             except ApiError as e:
                 log.info("re-roll of %d images stopped: %s", len(redo), e.message)
                 break
@@ -310,12 +306,11 @@ async def serve(
         m.inflight.dec()
         if text is not None:
             text[0].release(text[1])
-            req.class_label = None
     if edits is None and st.settings.shadow_fraction > 0:
         shadow.maybe_shadow(st, sm, req.class_label, drawn[0], policy.threshold)
     total_s = time.monotonic() - t_arrive
     timings = Timings(
-        queue=results[0].queue_s * 1e3, compute=sum(r.compute_s for r in results) * 1e3,
+        queue=f.results[0].queue_s * 1e3, compute=sum(r.compute_s for r in f.results) * 1e3,
         encode=encode_s * 1e3, total=total_s * 1e3,
     )  # fmt: skip
     tier = rungs[pos].name if pos >= 0 else None
@@ -331,32 +326,41 @@ async def _text_row(st: ServerState, sm: ServedModel, req: GenerateRequest) -> t
     assert st.engine is not None and req.prompt is not None
     table = sm.model.conditions  # type: ignore[attr-defined]
     w = DEFAULT_GUIDANCE if req.guidance_scale is None else float(req.guidance_scale)
-    hits = table.hits
-    row, cut = await asyncio.get_running_loop().run_in_executor(
-        st.engine.executor, table.acquire, req.prompt, w
-    )
-    st.metrics.text_cache.labels(sm.name, "hit" if table.hits > hits else "miss").inc()
+    prompt = req.prompt
+
+    def lookup() -> tuple[int, bool, bool]:  # on the compute thread, which serializes lookups
+        hits = table.hits
+        row, cut = table.acquire(prompt, w)
+        return row, cut, table.hits > hits
+
+    row, cut, hit = await asyncio.get_running_loop().run_in_executor(st.engine.executor, lookup)
+    st.metrics.text_cache.labels(sm.name, "hit" if hit else "miss").inc()
     return table, row, cut
 
 
-async def _draw(
-    st: ServerState,
-    req: GenerateRequest,
-    drawn: list[accept.Drawn],
-    which: list[int],
-    edits: list[RowEdit | None] | None,
-    deadline: tuple[float, float],
-    who: tuple[str, str],
-    jobs: list[Job],
-    results: list[JobResult],
-) -> Response | None:
+@dataclass
+class _Flight:
+    """One request's draws: what every job of it shares, and its jobs and their results."""
+
+    st: ServerState
+    req: GenerateRequest
+    drawn: list[accept.Drawn]
+    label: int | None  # the images' label (a prompted model's: its text-table row)
+    until: float  # time.monotonic() deadline
+    budget: float  # the seconds the deadline gave
+    tenant: str
+    rid: str
+    threshold: float
+    jobs: list[Job] = field(default_factory=list)  # the disconnect watcher flags them all
+    results: list[JobResult] = field(default_factory=list)
+
+
+async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None) -> Response | None:
     """Draw images `which` of a request, one job per sampler they need, and record each
-    image, score and cost. deadline: (monotonic time, the seconds it was given); who: (tenant,
-    request id).
-    -> a bare 499 response when the client left, else None."""
+    image, score and cost. -> a bare 499 response when the client left, else None."""
+    st, req, drawn = f.st, f.req, f.drawn
     assert st.batcher is not None and st.engine is not None
-    batcher, m, (tenant, rid) = st.batcher, st.metrics, who
-    (until, budget), threshold = deadline, accept.policy_of(req, st.settings).threshold
+    batcher, m = st.batcher, st.metrics
     groups: dict[tuple[str, int], list[int]] = {}
     for i in which:
         groups.setdefault((drawn[i].model, drawn[i].steps), []).append(i)
@@ -364,14 +368,14 @@ async def _draw(
     for (model, steps), idx in groups.items():
         job = Job(
             model=model,
-            tenant=tenant,
+            tenant=f.tenant,
             steps=steps,
-            labels=[req.class_label] * len(idx),
+            labels=[f.label] * len(idx),
             seeds=[drawn[i].seed for i in idx],
             edits=None if edits is None else [edits[i] for i in idx],
             priority=req.priority,
-            deadline=until,
-            request_id=rid,
+            deadline=f.until,
+            request_id=f.rid,
             future=asyncio.get_running_loop().create_future(),
         )
         try:
@@ -384,31 +388,31 @@ async def _draw(
                 429, f"{QUEUE_FULL[e.reason]}; retry later", code=e.reason,
                 headers={"Retry-After": str(e.retry_after_s)},
             ) from None  # fmt: skip
-        jobs.append(job)
+        f.jobs.append(job)
         mine.append((job, idx))
-    done, _ = await asyncio.wait({j.future for j, _ in mine}, timeout=max(0.0, until - time.monotonic()))
+    done, _ = await asyncio.wait({j.future for j, _ in mine}, timeout=max(0.0, f.until - time.monotonic()))
     if len(done) < len(mine):
         for j, _ in mine:
             j.future.cancel()
         m.rejected.labels("deadline").inc()
-        raise ApiError(504, f"deadline of {budget:g} s passed", code="deadline_exceeded")
+        raise ApiError(504, f"deadline of {f.budget:g} s passed", code="deadline_exceeded")
     for job, idx in mine:
         try:
             result = job.future.result()
         except DeadlineExceeded:
             raise ApiError(
-                504, f"deadline of {budget:g} s passed before compute", code="deadline_exceeded"
+                504, f"deadline of {f.budget:g} s passed before compute", code="deadline_exceeded"
             ) from None
         except Draining:
             raise ApiError(503, "server is shutting down", code="draining") from None
         except BatchFailed as e:
             raise ApiError(
-                500, f"generation failed ({e.reason}); request id {rid}", code="batch_failed"
+                500, f"generation failed ({e.reason}); request id {f.rid}", code="batch_failed"
             ) from None
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
-        results.append(result)
-        accept.record(st, st.engine.get(req.model).tiers, job, idx, drawn, result, threshold)
+        f.results.append(result)
+        accept.record(st, st.engine.get(req.model).tiers, job, idx, drawn, result, f.threshold)
     return None
 
 
