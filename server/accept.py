@@ -13,7 +13,7 @@ from server.deps import ServerState
 from server.engine import ServedModel
 from server.schemas import GenerateRequest
 from server.settings import Settings
-from server.tiers import Tier, reroll_seed, step_down, step_up
+from server.tiers import Tier, position, reroll_seed, step_down, step_up
 
 
 @dataclass
@@ -51,13 +51,10 @@ def start_rung(req: GenerateRequest, sm: ServedModel, st: ServerState) -> tuple[
     """-> (rung the request starts at, the tier it asked for, degraded). Degrades one rung when
     the latency objective would be missed and the request allows it."""
     rungs = sm.tiers
-    if req.quality is None:
-        own = [i for i, t in enumerate(rungs) if t.sampler == (sm.name, req.steps)]
-        if not own:
-            return -1, None, False
-        pos = next((i for i in own if rungs[i].name == "standard"), own[0])
-    else:
-        pos = [t.name for t in rungs].index(req.quality)
+    assert req.steps is not None  # resolved by `validate`
+    pos = position(rungs, req.quality, sm.name, req.steps)
+    if pos < 0:
+        return -1, None, False
     asked = rungs[pos].name
     s, batcher = st.settings, st.batcher
     allow = s.allow_degrade if req.allow_degrade is None else req.allow_degrade

@@ -43,16 +43,13 @@ def ladder(card: ModelInfo, reference: ModelInfo | None = None) -> list[Tier]:
     return rungs
 
 
-def position(rungs: list[Tier], quality: str | None, model: str, steps: int | None) -> int:
-    """Index of the rung a request runs at: its `quality`, else the rung its explicit `steps`
-    match (the cheapest rung at or above them), else `standard`."""
+def position(rungs: list[Tier], quality: str | None, model: str, steps: int) -> int:
+    """Index of the rung a request runs at: its `quality`, else the rung its `steps` on `model`
+    are (`standard` where several are), else -1: steps outside the ladder."""
     if quality is not None:
         return [t.name for t in rungs].index(quality)
-    if steps is not None:
-        own = [i for i, t in enumerate(rungs) if t.model == model and t.steps >= steps]
-        return own[0] if own else len(rungs) - 1
-    names = [t.name for t in rungs]
-    return names.index("standard") if "standard" in names else 0
+    own = [i for i, t in enumerate(rungs) if t.sampler == (model, steps)]
+    return next((i for i in own if rungs[i].name == "standard"), own[0] if own else -1)
 
 
 def step_up(rungs: list[Tier], pos: int) -> int | None:
