@@ -83,6 +83,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--concurrency", type=int, default=64, help="requests kept in flight")
     f.add_argument("--duration", type=float, default=5.0, help="seconds per server")
     f.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
+    f.add_argument("--frontends", default="1,2", help="cmserve's front-end process counts to run")
     f.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")
     f.add_argument("--json", default="", help="also write the whole result as JSON here")
     b = sub.add_parser("batching", help="request- vs step-level batching on mixed workloads")

@@ -42,17 +42,22 @@ def group_cpu_s(pgid: int) -> float:
     return total / TICK
 
 
-def specs(checkpoint: str) -> dict[str, tuple[list[str], str]]:
+def cmserve_name(frontends: int) -> str:
+    return "cmserve" if frontends == 1 else f"cmserve_{frontends}fe"
+
+
+def specs(checkpoint: str, frontends: list[int]) -> dict[str, tuple[list[str], str]]:
+    """The servers' commands: cmserve with each count of front-end processes, then the peers."""
     py = sys.executable
-    flags = ["--checkpoint", checkpoint, "--device", "cpu"]
-    return {
-        "cmserve": (
-            [py, "-m", "bench.stub_serve", *flags, "--log-level", "warning", "--max-queue-images", "100000"],
-            "/readyz",
-        ),  # fmt: skip
-        "litserve": ([py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint], "/health"),
-        "plain": ([py, "-m", "bench.peers", "plain", "--checkpoint", checkpoint], "/readyz"),
+    flags = ["--checkpoint", checkpoint, "--device", "cpu", "--log-level", "warning"]
+    flags += ["--max-queue-images", "100000"]
+    out = {
+        cmserve_name(k): ([py, "-m", "bench.stub_serve", *flags, "--frontends", str(k)], "/readyz")
+        for k in frontends
     }
+    out["litserve"] = ([py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint], "/health")
+    out["plain"] = ([py, "-m", "bench.peers", "plain", "--checkpoint", checkpoint], "/readyz")
+    return out
 
 
 def measure(proc: Proc, concurrency: int, duration: float) -> dict[str, Any]:
@@ -83,7 +88,8 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
     duration = 2.0 if args.quick else args.duration
     os.environ[STUB_ENV] = "1"  # the peers' engines answer at once too
     result: dict[str, Any] = {"machine": machine(), "duration_s": duration, "servers": {}}
-    for name, (cmd, ready) in specs(ckpt).items():
+    frontends = [int(k) for k in args.frontends.split(",")]
+    for name, (cmd, ready) in specs(ckpt, frontends).items():
         if name in ("litserve", "plain") and name not in args.peers.split(","):
             continue
         proc = Proc(cmd, ready, tmp / f"{name}.log")

@@ -10,7 +10,7 @@ import numpy as np
 
 from server.batcher import Job, JobResult
 from server.deps import ServerState
-from server.engine import ServedModel
+from server.engine import ModelFacts
 from server.schemas import GenerateRequest
 from server.settings import Settings
 from server.tiers import Tier, position, reroll_seed, step_down, step_up
@@ -47,7 +47,7 @@ def policy_of(req: GenerateRequest, s: Settings) -> Policy:
     )
 
 
-def start_rung(req: GenerateRequest, sm: ServedModel, st: ServerState) -> tuple[int, str | None, bool]:
+def start_rung(req: GenerateRequest, sm: ModelFacts, st: ServerState) -> tuple[int, str | None, bool]:
     """-> (rung the request starts at, the tier it asked for, degraded). Degrades one rung when
     the latency objective would be missed and the request allows it."""
     rungs = sm.tiers

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,16 +17,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import edits, openai_images
 from server import openapi as openapi_doc
 from server.batcher import Batcher
 from server.deps import ApiError, ServerState, State, check_key, readiness, require_key, require_key_ops
-from server.engine import Engine, ServedModel
+from server.engine import Engine, ModelFacts
 from server.errors import EdgeMiddleware, error_response, request_id_of, validation_errors
 from server.fairness import RateLimiter
+from server.frontends import FrontendPool
 from server.generate import generate as handle_generate
 from server.metrics import Metrics
 from server.ops_listener import OpsServer
@@ -43,9 +44,18 @@ log = logging.getLogger("cmserve.app")
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 
 
-def create_app(settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    metrics: Metrics | None = None,
+    starter: Callable[[ServerState], Awaitable[None]] | None = None,
+) -> FastAPI:
     """engine: a loaded Engine (the CLI loads it first to fail fast) sharing `metrics`;
-    None = load it in the background after start-up."""
+    None = load it in the background after start-up.
+    starter: what start-up awaits instead of loading an engine in the background (a front-end
+    process connects to the engine process, server/remote.py).
+    With settings.frontends > 1 this app is the engine process's: it spawns the front-end
+    processes that serve the API port (server/frontends.py) and serves no HTTP itself."""
     metrics = metrics or (engine.metrics if engine is not None else Metrics())
     st = ServerState(
         settings, metrics, engine, limiter=RateLimiter(settings.key_rate_limit, settings.key_rate_burst)
@@ -53,23 +63,32 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_start(st))
-        st.tasks.add(task)
+        if starter is not None:  # before the port listens: a front end not linked takes no request
+            await starter(st)
+        else:
+            st.tasks.add(asyncio.create_task(_start(st)))
+        pool = await FrontendPool(st, settings.frontends).start() if settings.frontends > 1 else None
         ops = OpsServer(st, settings.host, settings.ops_port).start() if settings.ops_port else None
         loop = asyncio.get_running_loop()
         with contextlib.suppress(
             NotImplementedError, RuntimeError, ValueError
         ):  # no signals off the main thread
-            loop.add_signal_handler(signal.SIGHUP, _reload_keys, settings)
+            loop.add_signal_handler(signal.SIGHUP, _reload_keys, settings, pool)
         yield
         left = st.begin_drain()  # a no-op past DrainingServer's signal: its budget runs on
+        if pool is not None:  # they answer what they hold (from the batcher, still running)
+            await pool.wait_frontends(left)
+            left = st.begin_drain()
         if st.batcher is not None:
             await st.batcher.drain(left)
             await st.batcher.stop()  # answers whatever the grace period did not cover
-        task.cancel()
+        for task in list(st.tasks):
+            task.cancel()
         st.encode_pool.shutdown(wait=False)
         if ops is not None:
             ops.stop()
+        if pool is not None:
+            await pool.close()
         if st.engine is not None:
             st.engine.close(wait=False)  # a batch still running finishes
 
@@ -167,7 +186,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @app.get("/metrics", dependencies=[Depends(require_key_ops)], response_class=Response)
     async def metrics_route(st: State) -> Response:
-        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await st.scrape() if st.scrape is not None else st.metrics_body()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_key)])
     async def models(st: State) -> Any:
@@ -252,7 +272,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
     return app
 
 
-def model_card(m: ServedModel, default: bool) -> ModelCardResponse:
+def model_card(m: ModelFacts, default: bool) -> ModelCardResponse:
     c = m.card
     return ModelCardResponse(
         id=c.name,
@@ -269,14 +289,17 @@ def model_card(m: ServedModel, default: bool) -> ModelCardResponse:
         supported_steps=c.steps,
         default_steps=c.steps_default,
         tiers={t.name: {"model": t.model, "steps": t.steps} for t in m.tiers},
-        accept_check=m.scorer is not None,
+        accept_check=m.accept_check,
         schedules={str(k): list(v) for k, v in c.schedules.items()},
         provenance=c.provenance,
     )
 
 
-def _reload_keys(settings: Settings) -> None:
-    """SIGHUP: the API keys file is read again (rotate keys without a restart)."""
+def _reload_keys(settings: Settings, pool: FrontendPool | None = None) -> None:
+    """SIGHUP: the API keys file is read again (rotate keys without a restart), by the front-end
+    processes too."""
+    if pool is not None:
+        pool.signal(signal.SIGHUP)
     try:
         n = settings.reload_keys()
     except OSError as e:
@@ -288,9 +311,10 @@ def _reload_keys(settings: Settings) -> None:
 async def _start(st: ServerState) -> None:
     """Load (if needed) and warm up off the event loop, then open the gates."""
     try:
-        if st.engine is None:
-            st.engine = await asyncio.to_thread(Engine, st.settings, st.metrics)
-        engine = st.engine
+        engine = st.engine if isinstance(st.engine, Engine) else None
+        if engine is None:
+            engine = await asyncio.to_thread(Engine, st.settings, st.metrics)
+            st.engine = engine
         seconds = await asyncio.to_thread(engine.warmup)
         log.info("warm-up of %d model(s) took %.1f s", len(engine.models), seconds)
         s = st.settings

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -105,6 +105,18 @@ class JobResult:
     scores: np.ndarray | None = None  # [n] accept-check scores, None where the model has no scorer
 
 
+class JobQueue(Protocol):
+    """What the HTTP front end asks of the queue: a `Batcher` in the engine's own process, a
+    `server.remote.RemoteBatcher` in a front-end process of its own."""
+
+    def submit(self, job: Job) -> None: ...
+    def abandon(self, job: Job) -> None: ...
+    def predict_s(self, model: str, steps: int) -> float: ...
+    async def drain(self, timeout_s: float) -> bool: ...
+    async def stop(self) -> None: ...
+    def snapshot(self) -> dict[str, Any]: ...
+
+
 class Batcher:
     def __init__(
         self,
@@ -170,6 +182,10 @@ class Batcher:
         self._idle.clear()
         self._update_gauges()
         self._wakeup.set()
+
+    def abandon(self, job: Job) -> None:
+        """The job's client left: it is dropped before compute (its future cancelled)."""
+        job.client_gone = True
 
     def retry_after(self, images: int | None = None) -> int:
         """Seconds until the queue (or `images` of it) has likely drained: batches ahead of us x

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from typing import Any
 
@@ -66,7 +67,6 @@ def _version() -> str:
 
 
 def _check_ports_free(s: Any) -> None:
-    import socket
 
     for port in (s.port, s.ops_port):
         if not port:
@@ -94,6 +94,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         engine = Engine(s, metrics)  # fail fast on a bad checkpoint, before binding the port
     except (CheckpointError, RuntimeError, ValueError) as e:
         sys.exit(f"cmserve: cannot load model: {e}")
+    sockets: list[socket.socket] | None = None
+    if s.frontends > 1:  # the port is the front ends'; this process holds it bound, listening not
+        from server.remote import reuseport_socket
+
+        reserved = reuseport_socket(s.host, s.port)
+        s.port = reserved.getsockname()[1]
+        sockets = []
     app = create_app(s, engine, metrics)
     config = uvicorn.Config(
         app,
@@ -104,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         access_log=False,  # cmserve's own access log carries the request id (--access-log)
         timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
     )
-    DrainingServer(config, app.state.cm).run()
+    DrainingServer(config, app.state.cm).run(sockets=sockets)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

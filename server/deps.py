@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from prometheus_client import generate_latest
 
-from server.batcher import Batcher
-from server.engine import Engine
+from server.batcher import JobQueue
+from server.engine import EngineFacts
 from server.fairness import RateLimiter
 from server.keys import key_ok
 from server.metrics import Metrics
@@ -25,8 +27,8 @@ log = logging.getLogger("cmserve")
 class ServerState:
     settings: Settings
     metrics: Metrics
-    engine: Engine | None = None
-    batcher: Batcher | None = None
+    engine: EngineFacts | None = None
+    batcher: JobQueue | None = None
     ready: bool = False
     draining: bool = False
     load_error: str | None = None
@@ -36,6 +38,11 @@ class ServerState:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     drain_deadline: float | None = None  # time.monotonic() by which the whole drain must end
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0.0, 0))
+    on_drain: list[Callable[[], None]] = field(default_factory=list)  # called once, as draining begins
+    # --frontends: in a front-end process, the /metrics body asked of the engine process; in
+    # the engine process, its registry with the front ends' added
+    scrape: Callable[[], Awaitable[bytes]] | None = None
+    merged_metrics: Callable[[], bytes] | None = None
 
     def begin_drain(self) -> float:
         """Enter draining (idempotent): /readyz and new requests answer 503 from now on. The
@@ -46,9 +53,17 @@ class ServerState:
             self.metrics.draining.set(1)
             self.metrics.ready.set(0)
             self.drain_deadline = time.monotonic() + self.settings.shutdown_grace_s
+            for fn in self.on_drain:
+                fn()
             log.info("draining: %s", self.batcher.snapshot() if self.batcher else {})
         assert self.drain_deadline is not None
         return max(0.0, self.drain_deadline - time.monotonic())
+
+    def metrics_body(self) -> bytes:
+        """This process's /metrics text (every process's, in the engine process of --frontends)."""
+        if self.merged_metrics is not None:
+            return self.merged_metrics()
+        return generate_latest(self.metrics.registry)
 
 
 class ApiError(Exception):

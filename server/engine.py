@@ -13,15 +13,16 @@ depends on its batch-mates or the device's RNG.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -71,6 +72,39 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.card.name
+
+    @property
+    def accept_check(self) -> bool:
+        return self.scorer is not None
+
+
+class ModelFacts(Protocol):
+    """What the HTTP front end reads of a served model: a `ServedModel` in the engine's own
+    process, a `server.remote.ModelView` in a front-end process of its own."""
+
+    @property
+    def card(self) -> ModelInfo: ...
+    @property
+    def tiers(self) -> list[Tier]: ...
+    @property
+    def placeholder(self) -> bool: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def accept_check(self) -> bool: ...
+
+
+class EngineFacts(Protocol):
+    """What the HTTP front end asks of the engine: `Engine`, or `server.remote.EngineView`."""
+
+    @property
+    def default(self) -> str: ...
+    @property
+    def models(self) -> Mapping[str, ModelFacts]: ...
+    def get(self, name: str | None = None) -> ModelFacts: ...
+    async def acquire_text(self, model: str, prompt: str, w: float) -> tuple[int, bool, bool]: ...
+    def release_text(self, model: str, row: int) -> None: ...
+    def close(self, wait: bool = True) -> None: ...
 
 
 class UnknownModel(KeyError):
@@ -203,6 +237,22 @@ class Engine:
             return self.models[name or self.default]
         except KeyError:
             raise UnknownModel(name) from None
+
+    async def acquire_text(self, model: str, prompt: str, w: float) -> tuple[int, bool, bool]:
+        """A prompted model's text-table row for (prompt, w), encoded on the compute thread on
+        a miss (which also serializes lookups) and pinned until `release_text`.
+        -> (row, whether the prompt was truncated, whether it was a hit)"""
+        table = self.get(model).model.conditions  # type: ignore[attr-defined]
+
+        def lookup() -> tuple[int, bool, bool]:
+            hits = table.hits
+            row, cut = table.acquire(prompt, w)
+            return row, cut, table.hits > hits
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, lookup)
+
+    def release_text(self, model: str, row: int) -> None:
+        self.get(model).model.conditions.release(row)  # type: ignore[attr-defined]
 
     # the default model's parts, for callers that serve one model (benches, tests)
     @property

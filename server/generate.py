@@ -21,7 +21,7 @@ from models.grid import png_bytes
 from server import accept, shadow
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, JobResult, QueueFull
 from server.deps import ApiError, ServerState
-from server.engine import Engine, ServedModel, UnknownModel
+from server.engine import EngineFacts, ModelFacts, UnknownModel
 from server.errors import request_id_of, validation_errors
 from server.fairness import tenant_of
 from server.schemas import GenerateRequest, GenerateResponse, ImageData, Timings
@@ -77,7 +77,7 @@ def parse_body(schema: type[M], obj: dict[str, Any], status: int = 422) -> M:
         ) from None
 
 
-def served_model(engine: Engine, name: str | None) -> ServedModel:
+def served_model(engine: EngineFacts, name: str | None) -> ModelFacts:
     """The model a request names (None: the default), or 404 listing what is served."""
     try:
         return engine.get(name)
@@ -97,7 +97,7 @@ def _above(param: str, limit: float) -> ApiError:
     )
 
 
-def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[GenerateRequest, ServedModel]:
+def validate(obj: dict[str, Any], st: ServerState, engine: EngineFacts) -> tuple[GenerateRequest, ModelFacts]:
     """Schema and model/settings limits (422 naming the field, 404 for an unknown model);
     `steps` resolved from the model's card."""
     req = parse_body(GenerateRequest, obj)
@@ -164,7 +164,7 @@ def validate(obj: dict[str, Any], st: ServerState, engine: Engine) -> tuple[Gene
     return req, sm
 
 
-def ready_engine(st: ServerState) -> Engine:
+def ready_engine(st: ServerState) -> EngineFacts:
     """The engine, or 503 while loading or draining (checked before the body is read)."""
     if st.draining:
         st.metrics.rejected.labels("draining").inc()
@@ -195,15 +195,16 @@ def _timeout(request: Request, req: GenerateRequest, s: Settings) -> float:
     return float(t) if t is not None else s.default_timeout_s
 
 
-async def _watch_disconnect(request: Request, jobs: list[Job]) -> None:
+async def _watch_disconnect(request: Request, st: ServerState, jobs: list[Job]) -> None:
     """After the body is read, the next ASGI message is http.disconnect (client gone, or the
     response was sent): flag the request's jobs (`jobs` grows with its re-rolls) so the batcher
     drops those that have not started."""
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
+            assert st.batcher is not None
             for job in jobs:
-                job.client_gone = True
+                st.batcher.abandon(job)
             return
 
 
@@ -267,13 +268,13 @@ async def serve(
     policy = accept.policy_of(req, st.settings)
     if edits is not None:  # edits are scored, never re-drawn
         policy = accept.Policy("return", 1, policy.threshold)
-    text = None  # a prompted model's (table, row, truncated): its images' label is that row
+    text = None  # a prompted model's (row, truncated): its images' label is that row
     if sm.card.conditioning_text:
         text = await _text_row(st, sm, req)
-    label = req.class_label if text is None else text[1]
+    label = req.class_label if text is None else text[0]
     f = _Flight(st, req, drawn, label, t_arrive + timeout, timeout, tenant, rid, policy.threshold)
     m.inflight.inc()
-    watcher = asyncio.create_task(_watch_disconnect(request, f.jobs))
+    watcher = asyncio.create_task(_watch_disconnect(request, st, f.jobs))
     try:
         first = await _draw(f, list(range(req.n)), edits)
         if first is not None:
@@ -305,7 +306,7 @@ async def serve(
         watcher.cancel()
         m.inflight.dec()
         if text is not None:
-            text[0].release(text[1])
+            st.engine.release_text(sm.name, text[0])
     if edits is None and st.settings.shadow_fraction > 0:
         shadow.maybe_shadow(st, sm, req.class_label, drawn[0], policy.threshold)
     total_s = time.monotonic() - t_arrive
@@ -314,28 +315,20 @@ async def serve(
         encode=encode_s * 1e3, total=total_s * 1e3,
     )  # fmt: skip
     tier = rungs[pos].name if pos >= 0 else None
-    return Served(pngs, seed, steps, timings, drawn, tier, asked, degraded, None if text is None else text[2])
+    return Served(pngs, seed, steps, timings, drawn, tier, asked, degraded, None if text is None else text[1])
 
 
 DEFAULT_GUIDANCE = 8.5  # diffusers' LatentConsistencyModelPipeline default
 
 
-async def _text_row(st: ServerState, sm: ServedModel, req: GenerateRequest) -> tuple[Any, int, bool]:
-    """The text-table row of the request's (prompt, w), encoded on the compute thread on a miss
-    and pinned until `release`. -> (table, row, whether the prompt was truncated)."""
+async def _text_row(st: ServerState, sm: ModelFacts, req: GenerateRequest) -> tuple[int, bool]:
+    """The text-table row of the request's (prompt, w), pinned until `release_text`.
+    -> (row, whether the prompt was truncated)"""
     assert st.engine is not None and req.prompt is not None
-    table = sm.model.conditions  # type: ignore[attr-defined]
     w = DEFAULT_GUIDANCE if req.guidance_scale is None else float(req.guidance_scale)
-    prompt = req.prompt
-
-    def lookup() -> tuple[int, bool, bool]:  # on the compute thread, which serializes lookups
-        hits = table.hits
-        row, cut = table.acquire(prompt, w)
-        return row, cut, table.hits > hits
-
-    row, cut, hit = await asyncio.get_running_loop().run_in_executor(st.engine.executor, lookup)
+    row, cut, hit = await st.engine.acquire_text(sm.name, req.prompt, w)
     st.metrics.text_cache.labels(sm.name, "hit" if hit else "miss").inc()
-    return table, row, cut
+    return row, cut
 
 
 @dataclass
@@ -381,13 +374,7 @@ async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None
         try:
             batcher.submit(job)
         except QueueFull as e:
-            for j, _ in mine:  # the request's other jobs leave the queue with it
-                j.future.cancel()
-            m.rejected.labels(e.reason).inc()
-            raise ApiError(
-                429, f"{QUEUE_FULL[e.reason]}; retry later", code=e.reason,
-                headers={"Retry-After": str(e.retry_after_s)},
-            ) from None  # fmt: skip
+            raise _refused(e, mine, m) from None
         f.jobs.append(job)
         mine.append((job, idx))
     done, _ = await asyncio.wait({j.future for j, _ in mine}, timeout=max(0.0, f.until - time.monotonic()))
@@ -409,11 +396,26 @@ async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None
             raise ApiError(
                 500, f"generation failed ({e.reason}); request id {f.rid}", code="batch_failed"
             ) from None
+        except QueueFull as e:  # a front-end process hears of a full queue only now
+            raise _refused(e, mine, m) from None
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
         f.results.append(result)
         accept.record(st, st.engine.get(req.model).tiers, job, idx, drawn, result, f.threshold)
     return None
+
+
+def _refused(e: QueueFull, mine: list[tuple[Job, list[int]]], m: Any) -> ApiError:
+    """429 for a request the queue refused; its other jobs leave the queue with it."""
+    for j, _ in mine:
+        j.future.cancel()
+    m.rejected.labels(e.reason).inc()
+    return ApiError(
+        429,
+        f"{QUEUE_FULL[e.reason]}; retry later",
+        code=e.reason,
+        headers={"Retry-After": str(e.retry_after_s)},
+    )
 
 
 QUEUE_FULL = {
@@ -474,5 +476,5 @@ async def generate(request: Request, st: ServerState) -> Any:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _tier(sm: ServedModel, d: accept.Drawn) -> str | None:
+def _tier(sm: ModelFacts, d: accept.Drawn) -> str | None:
     return sm.tiers[d.pos].name if d.pos >= 0 else None

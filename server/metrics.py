@@ -14,6 +14,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     ProcessCollector,
     disable_created_metrics,
 )
@@ -259,6 +260,49 @@ class Metrics:
             self.rejected.labels(reason)
         for reason in ("exception", "nonfinite"):
             self.batch_failures.labels(reason)
+
+
+# One process's samples as plain data (what a front-end process sends the engine process):
+# [(family name, type, help, unit, [(sample name, labels, value)])]
+Families = list[tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]]
+# Gauges that count something each process holds a part of; every other gauge (readiness, queue
+# depth, memory of the process) is the engine process's own.
+SUMMED_GAUGES = {"cmserve_inflight_requests"}
+
+
+def families(registry: CollectorRegistry) -> Families:
+    return [
+        (m.name, m.type, m.documentation, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+        for m in registry.collect()
+    ]
+
+
+class Merged:
+    """The engine process's metrics with its front ends' added: counters and histograms summed
+    sample by sample (so rates and quantiles cover every process), gauges the engine's own but
+    for SUMMED_GAUGES. `generate_latest(Merged(...))` is the exposition."""
+
+    def __init__(self, own: CollectorRegistry, others: list[Families]) -> None:
+        self.own, self.others = own, others
+
+    def collect(self) -> list[Metric]:
+        merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+        for i, fams in enumerate([families(self.own), *self.others]):
+            for name, kind, doc, unit, samples in fams:
+                if i and kind in ("gauge", "info", "stateset") and name not in SUMMED_GAUGES:
+                    continue
+                if name not in merged:
+                    merged[name] = (Metric(name, doc, kind, unit), {})
+                values = merged[name][1]
+                for sname, labels, value in samples:
+                    key = (sname, tuple(sorted(labels.items())))
+                    values[key] = values.get(key, 0.0) + value
+        out = []
+        for metric, values in merged.values():
+            for (sname, pairs), value in values.items():
+                metric.add_sample(sname, dict(pairs), value)
+            out.append(metric)
+        return out
 
 
 def _version(package: str) -> str:

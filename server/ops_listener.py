@@ -77,7 +77,7 @@ class OpsServer:
             await asyncio.sleep(PUBLISH_S / 2)
 
     def _snapshot(self) -> dict[str, Any]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
         from server.deps import readiness
 
@@ -86,7 +86,7 @@ class OpsServer:
         protect = st.settings.protect_ops_endpoints
         return {
             "ready": [code, status],
-            "metrics": generate_latest(st.metrics.registry),
+            "metrics": st.metrics_body(),
             "metrics_type": CONTENT_TYPE_LATEST,
             "keys": list(st.settings.api_keys) if protect else None,
             "beat": self._beat,

@@ -145,6 +145,14 @@ class Settings(BaseSettings):
         description="Also serve /healthz, /readyz and /metrics on this port, from a process of their own, "
         "so probes and scrapes answer however busy the API is; 0 = only on the main port.",
     )
+    frontends: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP front-end processes. 1: one process serves HTTP and runs the engine. N > 1: N "
+        "processes share the port (parse, validate, encode PNGs, answer) and feed one engine process "
+        "(batching and sampling), for hosts where one event loop cannot keep the accelerator busy.",
+    )
     playground: bool = Field(
         True, description="Serve the playground page at / (off for locked-down deployments)."
     )

@@ -17,7 +17,8 @@ import torch
 
 from models.editing import Constraint
 from models.sampler import consistency_step, ode_step
-from server.engine import Engine, ServedModel
+from server.batcher import Batcher
+from server.engine import Engine, ModelFacts, ServedModel
 from server.metrics import Metrics
 from server.tiers import Tier
 
@@ -97,7 +98,7 @@ class ShadowDraw:
         return True
 
 
-def maybe_shadow(st: ServerState, sm: ServedModel, label: int | None, d: Drawn, threshold: float) -> None:
+def maybe_shadow(st: ServerState, sm: ModelFacts, label: int | None, d: Drawn, threshold: float) -> None:
     """With probability --shadow-fraction, queue a shadow draw of served image `d`: where the
     model has a reference tier, the image was scored, and it was not itself drawn there."""
     if random.random() >= st.settings.shadow_fraction or st.batcher is None or st.engine is None:
@@ -107,7 +108,22 @@ def maybe_shadow(st: ServerState, sm: ServedModel, label: int | None, d: Drawn, 
     ref = next((t for t in sm.tiers if t.name == "reference"), None)
     if ref is None or d.score is None or d.accepted is None or d.pos < 0 or sm.tiers[d.pos] == ref:
         return
-    served = (sm.name, sm.tiers[d.pos].name, d.score, d.accepted)
-    draw = ShadowDraw(st.engine, st.metrics, served, ref, label, d.seed, threshold)
+    args = (sm.name, label, d.seed, d.pos, d.score, d.accepted, threshold)
+    if isinstance(st.engine, Engine):
+        queue_shadow(st, *args)
+    else:  # a front-end process: the engine process draws it
+        st.engine.shadow(*args)  # type: ignore[attr-defined]
+
+
+def queue_shadow(
+    st: ServerState, model: str, label: int | None, seed: int, pos: int, score: float, accepted: bool,
+    threshold: float,
+) -> None:  # fmt: skip
+    """Queue the reference-tier draw of the image served at tier `pos` of `model`."""
+    assert isinstance(st.engine, Engine) and isinstance(st.batcher, Batcher)
+    sm = st.engine.get(model)
+    ref = next(t for t in sm.tiers if t.name == "reference")
+    served = (sm.name, sm.tiers[pos].name, score, accepted)
+    draw = ShadowDraw(st.engine, st.metrics, served, ref, label, seed, threshold)
     if not st.batcher.submit_background(draw):
         st.metrics.shadow_dropped.inc()
