@@ -65,6 +65,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--min-requests", type=int, default=200, help="run a rate longer if it would send fewer requests"
     )
     v.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
+    v.add_argument(
+        "--frontends", type=int, default=1, help="also run cmserve with this many front-end processes (> 1)"
+    )
     v.add_argument("--litserve-max-batch", type=int, default=32, help="LitServe's max_batch_size")
     v.add_argument("--litserve-timeout", type=float, default=0.005, help="LitServe's batch_timeout (s)")
     v.add_argument(
@@ -84,6 +87,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--duration", type=float, default=5.0, help="seconds per server")
     f.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
     f.add_argument("--frontends", default="1,2", help="cmserve's front-end process counts to run")
+    f.add_argument("--clients", type=int, default=1, help="load-generating processes")
     f.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")
     f.add_argument("--json", default="", help="also write the whole result as JSON here")
     b = sub.add_parser("batching", help="request- vs step-level batching on mixed workloads")

@@ -12,14 +12,16 @@ keeps up: this is the number to hold against it.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import concurrent_loop, run
+from bench.loadgen import RunResult, concurrent_loop, run
 from bench.peers import STUB_ENV
 from bench.procs import Proc
 from bench.sampler import machine
@@ -60,16 +62,38 @@ def specs(checkpoint: str, frontends: list[int]) -> dict[str, tuple[list[str], s
     return out
 
 
-def measure(proc: Proc, concurrency: int, duration: float) -> dict[str, Any]:
-    run(concurrent_loop("127.0.0.1", proc.port, concurrency, min(1.0, duration / 4)))  # warm
+def _client(port: int, concurrency: int, duration: float, seed: int) -> RunResult:
+    return run(concurrent_loop("127.0.0.1", port, concurrency, duration, seed=seed))
+
+
+def load(port: int, concurrency: int, duration: float, clients: int) -> RunResult:
+    """`concurrency` requests kept in flight by `clients` processes (one event loop sends a few
+    thousand requests per second at most: several front ends need several clients)."""
+    if clients <= 1:
+        return _client(port, concurrency, duration, 0)
+    per = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
+    with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_client, [port] * clients, per, [duration] * clients, range(clients)))
+    res = RunResult(0.0, duration, wall_s=max(p.wall_s for p in parts))
+    for p in parts:
+        res.sent += p.sent
+        res.latencies_ok += p.latencies_ok
+        for k, v in p.statuses.items():
+            res.statuses[k] = res.statuses.get(k, 0) + v
+    return res
+
+
+def measure(proc: Proc, concurrency: int, duration: float, clients: int = 1) -> dict[str, Any]:
+    load(proc.port, concurrency, min(1.0, duration / 4), clients)  # warm
     cpu0, t0 = group_cpu_s(proc.proc.pid), time.perf_counter()
-    res = run(concurrent_loop("127.0.0.1", proc.port, concurrency, duration))
+    res = load(proc.port, concurrency, duration, clients)
     cpu = group_cpu_s(proc.proc.pid) - cpu0
     wall = time.perf_counter() - t0
     s = res.summary()
     ok = s["ok"]
     return {
         "concurrency": concurrency,
+        "clients": clients,
         "requests_per_s": round(ok / res.wall_s, 1),
         "server_cpu_cores": round(cpu / wall, 2),
         "requests_per_cpu_s": round(ok / cpu, 1) if cpu else None,
@@ -94,7 +118,7 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
             continue
         proc = Proc(cmd, ready, tmp / f"{name}.log")
         try:
-            result["servers"][name] = measure(proc, args.concurrency, duration)
+            result["servers"][name] = measure(proc, args.concurrency, duration, args.clients)
         finally:
             proc.stop()
         print(name, result["servers"][name], flush=True)

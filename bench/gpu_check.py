@@ -13,10 +13,13 @@ with a time limit (a part past its limit is killed with its children, and the re
               served batch vs replay, capture time and memory, batch invariance, the teacher
     pytest    the `cuda`-marked tests
     server    `cmserve bench server --quick` on the GPU with the shipped model, against LitServe
-              and a plain FastAPI endpoint
+              and a plain FastAPI endpoint, and with 4 front-end processes (--frontends 4)
+    frontend  `cmserve bench frontend` (a stub model): requests/s with 1, 2, 4 and 8 front-end
+              processes against the peers' single process
     quality   FLD and class accuracy of the served model at fp32 / bf16 / fp16
-    asweep    the attention kernel's block sizes, warps and stages swept on the models' shapes
     kbench    kernels/bench.py: each kernel's time against torch
+    asweep    the attention kernel's block sizes, warps and stages swept on the models' shapes
+              (not run by default: its findings are the kernel's defaults; `--parts asweep`)
 
 The report (`<out>/<device>.json` and `.md`) is rewritten after every part, so a run killed at its
 limit keeps what was done. Without CUDA it says so and exits 1.
@@ -45,10 +48,11 @@ PARTS: list[tuple[str, int]] = [
     ("model", 170),
     ("engine", 110),
     ("pytest", 70),
-    ("server", 100),
+    ("server", 130),
+    ("frontend", 100),
     ("quality", 50),
-    ("asweep", 120),
     ("kbench", 50),
+    ("asweep", 120),
 ]
 MIN_PART_S = 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,9 +175,13 @@ def part_command(name: str, work: Path, deadline: float) -> list[str]:
         files = sorted(str(p) for p in (ROOT / "tests").rglob("test_cuda*.py"))
         return [py, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "-o", "addopts=", *files]
     if name == "server":
-        return [py, "-m", "server.cli", "bench", "server", "--quick", "--device", "cuda",
+        return [py, "-m", "server.cli", "bench", "server", "--quick", "--device", "cuda", "--frontends", "4",
                 "--checkpoint", str(ROOT / "models" / "weights" / "cm-mnist.json"),
                 "--json", str(work / "part-server.json")]  # fmt: skip
+    if name == "frontend":  # the stub model: what the front end alone sustains, by process count
+        return [py, "-m", "server.cli", "bench", "frontend", "--frontends", "1,2,4,8", "--duration", "3",
+                "--concurrency", "256", "--clients", "4",
+                "--json", str(work / "part-frontend.json")]  # fmt: skip
     return [py, "-m", "bench.gpu_check", "--part", name, "--work", str(work), "--deadline", str(deadline)]
 
 
@@ -196,7 +204,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/gpu")
     ap.add_argument("--work", default="", help="folder for the parts' raw results (default: a temp dir)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
-    ap.add_argument("--parts", default=",".join(n for n, _ in PARTS))
+    ap.add_argument("--parts", default=",".join(n for n, _ in PARTS if n != "asweep"))
     ap.add_argument("--allow-cpu", action="store_true", help="run the harness without CUDA (tests it)")
     ap.add_argument("--part", default="", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)

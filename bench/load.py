@@ -28,7 +28,11 @@ from bench.sampler import RawClock, bench_sampler, machine
 
 T = TypeVar("T")
 REQUEST_HISTOGRAM = "cmserve_request_duration_seconds"
-HIST_CONFIGS = {"cmserve", "cmserve_no_batching"}  # servers with cmserve's own histograms
+
+
+def has_histograms(name: str) -> bool:
+    """Whether the server reports cmserve's own histograms (every cmserve configuration)."""
+    return name.startswith("cmserve")
 
 
 def histogram_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
@@ -106,6 +110,8 @@ def server_specs(args: argparse.Namespace, checkpoint: str) -> dict[str, tuple[l
         "cmserve": (cm_cmd, "/readyz"),
         "cmserve_no_batching": ([*cm_cmd, "--max-batch-size", "1", "--buckets", "1"], "/readyz"),
     }
+    if args.frontends > 1:  # the same server with front-end processes of their own
+        specs[f"cmserve_{args.frontends}fe"] = ([*cm_cmd, "--frontends", str(args.frontends)], "/readyz")
     peers = [p for p in args.peers.split(",") if p]
     if "litserve" in peers:
         ls_cmd = [py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint]
@@ -175,7 +181,7 @@ class ServerBench:
         for f in futures.values():
             if f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
-        for name in HIST_CONFIGS:
+        for name in filter(has_histograms, self.procs):
             mb = sample_sum(self.procs[name].metrics(), "cmserve_max_batch_size_images")
             self.cfgs[name]["max_batch_size"] = None if mb is None else int(mb)
 
@@ -205,7 +211,7 @@ class ServerBench:
                     proc,
                     [rate],
                     self.duration,
-                    name in HIST_CONFIGS,
+                    has_histograms(name),
                     2,
                     self.min_requests,
                     self.classes,

@@ -43,6 +43,8 @@ class ServerState:
     # the engine process, its registry with the front ends' added
     scrape: Callable[[], Awaitable[bytes]] | None = None
     merged_metrics: Callable[[], bytes] | None = None
+    # a front-end process asks the engine process's limiter, so a key's rate is server-wide
+    rate_check: Callable[[str], Awaitable[int]] | None = None
 
     def begin_drain(self) -> float:
         """Enter draining (idempotent): /readyz and new requests answer 503 from now on. The

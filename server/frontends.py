@@ -203,6 +203,8 @@ class FrontendPool:
                 assert self.st.engine is not None
                 value: Any = await self.st.engine.acquire_text(*args)
                 c.pins.append((args[0], value[0]))
+            elif name == "take":  # the key rate limit, server-wide
+                value = self.st.limiter.take(args[0])
             elif name == "scrape":
                 c.families = args[0]
                 value = self.merged()

@@ -253,7 +253,7 @@ async def serve(
     # every browser client) represent integers exactly only up to there
     seed = req.seed if req.seed is not None else secrets.randbelow(JS_SAFE_SEEDS - req.n + 1)
     tenant, rid = tenant_of(request), request_id_of(request.scope)
-    wait = st.limiter.take(tenant)
+    wait = await st.rate_check(tenant) if st.rate_check is not None else st.limiter.take(tenant)
     if wait:
         m.rejected.labels("key_rate").inc()
         raise ApiError(

@@ -272,6 +272,13 @@ async def connect(st: ServerState, path: str, index: int, stop: Callable[[], Non
         return body
 
     st.scrape = scrape
+    if st.settings.key_rate_limit > 0:
+
+        async def rate_check(tenant: str) -> int:
+            wait: int = await link.call("take", tenant)
+            return wait
+
+        st.rate_check = rate_check
 
 
 async def _push_metrics(st: ServerState, link: Link) -> None:

@@ -141,6 +141,17 @@ async def test_engine_drain_reaches_the_front_ends(tiny_ckpt: Path) -> None:
         assert fapp.state.stops == [1]
 
 
+async def test_a_keys_rate_limit_holds_across_processes(tiny_ckpt: Path) -> None:
+    s = Settings(checkpoint=str(tiny_ckpt), api_keys=["k1"], key_rate_limit=0.01, key_rate_burst=2)
+    async with linked(s) as (ec, _, fc, _fapp):
+        auth = {"authorization": "Bearer k1"}
+        body = {"seed": 1, "class_label": 0}
+        assert (await ec.post("/v1/generate", json=body, headers=auth)).status_code == 200
+        assert (await fc.post("/v1/generate", json=body, headers=auth)).status_code == 200
+        third = await fc.post("/v1/generate", json=body, headers=auth)  # the burst of 2 is spent
+        assert third.status_code == 429 and third.json()["error"]["code"] == "key_rate_limited"
+
+
 async def test_metrics_anywhere_count_every_process(tiny_ckpt: Path) -> None:
     async with linked(Settings(checkpoint=str(tiny_ckpt))) as (ec, _, fc, _fapp):
         for i in range(3):
