@@ -36,7 +36,7 @@ RESTART_BACKOFF_S = 1.0
 
 @dataclass(eq=False)
 class _Conn:
-    writer: asyncio.StreamWriter
+    chan: ipc.Channel
     index: int = -1
     jobs: dict[int, Job] = field(default_factory=dict)
     pins: list[tuple[str, int]] = field(default_factory=list)  # text rows it holds
@@ -103,11 +103,11 @@ class FrontendPool:
 
     def _broadcast(self, msg: tuple[Any, ...]) -> None:
         for c in list(self.conns):
-            ipc.send(c.writer, msg)
+            c.chan.send(msg)
 
     # ---- one front end's connection ------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        c = _Conn(writer)
+        c = _Conn(ipc.Channel(writer))
         self.conns.add(c)
         try:
             while True:
@@ -126,14 +126,14 @@ class FrontendPool:
         st = self.st
         while not isinstance(st.engine, Engine):  # loading in the background
             if st.load_error:  # the front end's start-up fails with it
-                c.writer.close()
+                c.chan.close()
                 return
             await asyncio.sleep(0.05)
         models = {
             n: ModelView(m.card, m.tiers, m.placeholder, m.accept_check) for n, m in st.engine.models.items()
         }
-        ipc.send(c.writer, ("meta", models, st.engine.default))
-        ipc.send(c.writer, self._state())
+        c.chan.send(("meta", models, st.engine.default))
+        c.chan.send(self._state())
 
     def _on(self, c: _Conn, msg: tuple[Any, ...]) -> None:
         kind, st = msg[0], self.st
@@ -164,7 +164,7 @@ class FrontendPool:
     def _submit(self, c: _Conn, jid: int, spec: ipc.JobSpec) -> None:
         st = self.st
         if st.batcher is None:
-            ipc.send(c.writer, ("fail", jid, "draining", ()))
+            c.chan.send(("fail", jid, "draining", ()))
             return
         fut: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         job = Job(
@@ -175,7 +175,7 @@ class FrontendPool:
         try:
             st.batcher.submit(job)
         except QueueFull as e:
-            ipc.send(c.writer, ("fail", jid, "full", (e.retry_after_s, e.reason)))
+            c.chan.send(("fail", jid, "full", (e.retry_after_s, e.reason)))
             return
         c.jobs[jid] = job
         fut.add_done_callback(lambda f: self._answer(c, jid, f))
@@ -183,19 +183,19 @@ class FrontendPool:
     def _answer(self, c: _Conn, jid: int, fut: asyncio.Future[JobResult]) -> None:
         c.jobs.pop(jid, None)
         if fut.cancelled():
-            ipc.send(c.writer, ("cancelled", jid))
+            c.chan.send(("cancelled", jid))
             return
         e = fut.exception()
         if e is None:
-            ipc.send(c.writer, ("done", jid, fut.result()))
+            c.chan.send(("done", jid, fut.result()))
         elif isinstance(e, DeadlineExceeded):
-            ipc.send(c.writer, ("fail", jid, "deadline", ()))
+            c.chan.send(("fail", jid, "deadline", ()))
         elif isinstance(e, BatchFailed):
-            ipc.send(c.writer, ("fail", jid, "failed", (e.reason, e.request_ids)))
+            c.chan.send(("fail", jid, "failed", (e.reason, e.request_ids)))
         else:  # Draining, or anything unforeseen: the request is answered 503, never left waiting
             if not isinstance(e, Draining):
                 log.error("job %d of front end %d failed: %r", jid, c.index, e)
-            ipc.send(c.writer, ("fail", jid, "draining", ()))
+            c.chan.send(("fail", jid, "draining", ()))
 
     async def _call(self, c: _Conn, cid: int, name: str, args: tuple[Any, ...]) -> None:
         try:
@@ -212,9 +212,9 @@ class FrontendPool:
                 raise ValueError(f"unknown call {name!r}")
         except Exception:
             log.exception("call %s of front end %d failed", name, c.index)
-            ipc.send(c.writer, ("fail-call", cid))
+            c.chan.send(("fail-call", cid))
             return
-        ipc.send(c.writer, ("reply", cid, value))
+        c.chan.send(("reply", cid, value))
 
     def _forget(self, c: _Conn) -> None:
         """A front end's connection closed: what it queued is abandoned, what it pinned freed."""
@@ -230,7 +230,7 @@ class FrontendPool:
         # its counters and histograms stay in the sums (a restart must not look like a reset)
         self.retired.append([f for f in c.families if f[1] not in ("gauge", "info", "stateset")])
         with contextlib.suppress(Exception):
-            c.writer.close()
+            c.chan.close()
 
     # ---- metrics, drain, stop ------------------------------------------------------------------
     def merged(self) -> bytes:
@@ -265,5 +265,5 @@ class FrontendPool:
         if self._server is not None:
             self._server.close()
         for c in list(self.conns):
-            c.writer.close()
+            c.chan.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -9,7 +9,8 @@ What travels (front end -> engine):
     ("hello", index)                              first message
     ("submit", id, JobSpec)                       a job for the batcher
     ("gone", id) / ("cancel", id)                 the client left / the request gave up on it
-    ("call", call_id, name, args)                 an answer wanted (text rows, the metrics text)
+    ("call", call_id, name, args)                 an answer wanted: "text" (a text row), "take"
+                                                  (the key rate limit), "scrape" (/metrics)
     ("release", model, row)                       a prompted model's text row is free again
     ("shadow", model, label, seed, pos, score, accepted, threshold)
     ("metrics", families)                         the front end's own metrics, every PUSH_S
@@ -17,7 +18,7 @@ engine -> front end:
     ("meta", models, default)                     once, when the engine has loaded
     ("state", ready, draining, load_error, predictions)   every PUSH_S
     ("done", id, JobResult) / ("fail", id, kind, args) / ("cancelled", id)
-    ("reply", call_id, value) / ("drain",)
+    ("reply", call_id, value) / ("fail-call", call_id) / ("drain",)
 """
 
 from __future__ import annotations
@@ -47,13 +48,33 @@ class JobSpec:
     enqueued: float
 
 
-def send(writer: asyncio.StreamWriter, msg: tuple[Any, ...]) -> None:
-    """Queue one message (never blocks: the transport buffers; what is queued is bounded by the
-    queue's own bound on images)."""
-    if writer.is_closing():
-        return
-    data = pickle.dumps(msg, protocol=5)
-    writer.write(len(data).to_bytes(_LEN, "little") + data)
+class Channel:
+    """The sending side of one stream. Messages sent during one turn of the event loop leave in
+    one write at its end: under load one system call carries many answers instead of one each.
+    Never blocks: the transport buffers, and what is in flight is bounded by the queue's own
+    bound on images."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        if self.writer.is_closing():
+            return
+        data = pickle.dumps(msg, protocol=5)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out += (len(data).to_bytes(_LEN, "little"), data)
+
+    def _flush(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.writelines(self._out)
+        self._out = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
 
 
 async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:

@@ -57,7 +57,8 @@ class Link:
         stop: Callable[[], None],
     ) -> None:  # fmt: skip
         """stop: begins this process's drain (DrainingServer's SIGTERM path)."""
-        self.reader, self.writer, self.st, self.stop = reader, writer, st, stop
+        self.reader, self.st, self.stop = reader, st, stop
+        self.chan = ipc.Channel(writer)
         self.jobs: dict[int, Job] = {}
         self.ids: dict[Job, int] = {}
         self.calls: dict[int, asyncio.Future[Any]] = {}
@@ -71,7 +72,7 @@ class Link:
         self.lost = False
 
     def send(self, *msg: Any) -> None:
-        ipc.send(self.writer, msg)
+        self.chan.send(msg)
 
     async def call(self, name: str, *args: Any) -> Any:
         if self.lost:
@@ -245,7 +246,7 @@ class EngineView:
         self.link.send("shadow", *args)
 
     def close(self, wait: bool = True) -> None:
-        self.link.writer.close()
+        self.link.chan.close()
 
 
 def _sigterm_self() -> None:
