@@ -29,9 +29,10 @@ from bench.sampler import machine
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_s(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group `pgid`."""
-    total = 0
+def group_cpu_s(pgid: int) -> tuple[float, float]:
+    """User + system CPU seconds of every live process in process group `pgid`, and of its
+    leader alone (cmserve's engine process where it has front-end processes)."""
+    total = leader = 0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -40,8 +41,10 @@ def group_cpu_s(pgid: int) -> float:
         except OSError:
             continue
         if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+            total += ticks
+            leader += ticks if int(d.name) == pgid else 0
+    return total / TICK, leader / TICK
 
 
 def cmserve_name(frontends: int) -> str:
@@ -85,9 +88,10 @@ def load(port: int, concurrency: int, duration: float, clients: int) -> RunResul
 
 def measure(proc: Proc, concurrency: int, duration: float, clients: int = 1) -> dict[str, Any]:
     load(proc.port, concurrency, min(1.0, duration / 4), clients)  # warm
-    cpu0, t0 = group_cpu_s(proc.proc.pid), time.perf_counter()
+    (cpu0, lead0), t0 = group_cpu_s(proc.proc.pid), time.perf_counter()
     res = load(proc.port, concurrency, duration, clients)
-    cpu = group_cpu_s(proc.proc.pid) - cpu0
+    cpu1, lead1 = group_cpu_s(proc.proc.pid)
+    cpu, lead = cpu1 - cpu0, lead1 - lead0
     wall = time.perf_counter() - t0
     s = res.summary()
     ok = s["ok"]
@@ -97,6 +101,9 @@ def measure(proc: Proc, concurrency: int, duration: float, clients: int = 1) -> 
         "requests_per_s": round(ok / res.wall_s, 1),
         "server_cpu_cores": round(cpu / wall, 2),
         "requests_per_cpu_s": round(ok / cpu, 1) if cpu else None,
+        # the main process's share: with --frontends, the engine process's cost per request
+        "main_process_cpu_cores": round(lead / wall, 2),
+        "requests_per_main_cpu_s": round(ok / lead, 1) if lead else None,
         "p50_ms": s["p50_ms"],
         "p99_ms": s["p99_ms"],
         "ok": ok,
@@ -126,10 +133,10 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows = ["| server | requests/s | server CPU cores | requests per CPU-second | p50 ms | p99 ms | errors |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| server | requests/s | server CPU cores | requests per CPU-second | main process's CPU cores "
+            "| p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in result["servers"].items():
-        cells = [name, r["requests_per_s"], r["server_cpu_cores"], r["requests_per_cpu_s"], r["p50_ms"],
-                 r["p99_ms"], r["errors"]]  # fmt: skip
+        cells = [name, r["requests_per_s"], r["server_cpu_cores"], r["requests_per_cpu_s"],
+                 r["main_process_cpu_cores"], r["p50_ms"], r["p99_ms"], r["errors"]]  # fmt: skip
         rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows) + "\n"

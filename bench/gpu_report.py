@@ -64,8 +64,8 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                                                         "uint8_pixels_differ", "uint8_max_diff"])  # fmt: skip
     elif name == "frontend" and res:
         rows = [{"server": k, **v} for k, v in res.get("servers", {}).items()]
-        cols = ["server", "clients", "requests_per_s", "server_cpu_cores", "requests_per_cpu_s", "p50_ms",
-                "p99_ms", "errors"]  # fmt: skip
+        cols = ["server", "clients", "requests_per_s", "server_cpu_cores", "requests_per_cpu_s",
+                "main_process_cpu_cores", "p50_ms", "p99_ms", "errors"]  # fmt: skip
         lines += _table(rows, cols)
     elif name == "quality" and res:
         lines += _table(res, ["dtype", "seeds_from", "steps", "n", "fld", "class_accuracy"])
