@@ -287,7 +287,7 @@ async def serve(
                 break
             m.rerolls.labels(sm.name, policy.on_reject).inc(len(redo))
             try:  # a re-roll that cannot run (queue full, deadline, failure) keeps what was drawn
-                gone = await _draw(f, redo, None)
+                gone = await _draw(f, redo, None, reroll=True)
             except ApiError as e:
                 log.info("re-roll of %d images stopped: %s", len(redo), e.message)
                 break
@@ -348,12 +348,17 @@ class _Flight:
     results: list[JobResult] = field(default_factory=list)
 
 
-async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None) -> Response | None:
+async def _draw(
+    f: _Flight, which: list[int], edits: list[RowEdit | None] | None, reroll: bool = False
+) -> Response | None:
     """Draw images `which` of a request, one job per sampler they need, and record each
-    image, score and cost. -> a bare 499 response when the client left, else None."""
+    image, score and cost. -> a bare 499 response when the client left, else None.
+    reroll: a re-draw, whose refusal (queue full, deadline) leaves the request answered with
+    what it has, so it is not counted as a rejected request."""
     st, req, drawn = f.st, f.req, f.drawn
     assert st.batcher is not None and st.engine is not None
     batcher, m = st.batcher, st.metrics
+    rejected = None if reroll else m.rejected
     groups: dict[tuple[str, int], list[int]] = {}
     for i in which:
         groups.setdefault((drawn[i].model, drawn[i].steps), []).append(i)
@@ -374,14 +379,15 @@ async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None
         try:
             batcher.submit(job)
         except QueueFull as e:
-            raise _refused(e, mine, m) from None
+            raise _refused(e, mine, rejected) from None
         f.jobs.append(job)
         mine.append((job, idx))
     done, _ = await asyncio.wait({j.future for j, _ in mine}, timeout=max(0.0, f.until - time.monotonic()))
     if len(done) < len(mine):
         for j, _ in mine:
             j.future.cancel()
-        m.rejected.labels("deadline").inc()
+        if rejected is not None:
+            rejected.labels("deadline").inc()
         raise ApiError(504, f"deadline of {f.budget:g} s passed", code="deadline_exceeded")
     for job, idx in mine:
         try:
@@ -397,7 +403,7 @@ async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None
                 500, f"generation failed ({e.reason}); request id {f.rid}", code="batch_failed"
             ) from None
         except QueueFull as e:  # a front-end process hears of a full queue only now
-            raise _refused(e, mine, m) from None
+            raise _refused(e, mine, rejected) from None
         except asyncio.CancelledError:  # dropped because the client left; nobody reads this
             return Response(status_code=499)
         f.results.append(result)
@@ -405,11 +411,13 @@ async def _draw(f: _Flight, which: list[int], edits: list[RowEdit | None] | None
     return None
 
 
-def _refused(e: QueueFull, mine: list[tuple[Job, list[int]]], m: Any) -> ApiError:
-    """429 for a request the queue refused; its other jobs leave the queue with it."""
+def _refused(e: QueueFull, mine: list[tuple[Job, list[int]]], rejected: Any) -> ApiError:
+    """429 for a request the queue refused (counted in `rejected`, unless None); its other jobs
+    leave the queue with it."""
     for j, _ in mine:
         j.future.cancel()
-    m.rejected.labels(e.reason).inc()
+    if rejected is not None:
+        rejected.labels(e.reason).inc()
     return ApiError(
         429,
         f"{QUEUE_FULL[e.reason]}; retry later",

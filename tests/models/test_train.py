@@ -115,7 +115,8 @@ def test_consistency_distillation_moves_toward_the_guided_teacher(tiny_ckpt: Pat
     }
     trainer = run("tiny", str(tmp_path / "cd"), cd, from_teacher=str(tiny_ckpt))
     start, _ = load_checkpoint(tiny_ckpt)
-    moved = sum(float((a - b).abs().sum()) for a, b in zip(trainer.model.parameters(), start.parameters()))
+    pairs = zip(trainer.model.parameters(), start.parameters(), strict=True)
+    moved = sum(float((a - b).detach().abs().sum()) for a, b in pairs)
     assert moved > 0
     _, card = load_checkpoint(tmp_path / "cd" / "consistency")
     assert card.kind == "consistency" and "w = 3.0" in card.provenance["recipe"]

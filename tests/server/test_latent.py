@@ -95,3 +95,21 @@ async def test_prompt_mistakes_are_422(
         r = await c.post("/v1/images/interpolations", json={"model": "lcm", "seed": 1, "seed_b": 2})
         assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_model"
         assert app.state.cm.batcher.batches_run == 0
+
+
+async def test_prompted_model_through_a_front_end_process(lcm_dir: Path, tiny_ckpt: Path) -> None:
+    """--frontends: the text row is looked up (and pinned, then released) in the engine process
+    on the front end's behalf; the images are those the engine process's own app serves."""
+    from tests.server.test_frontends import linked
+
+    async with linked(_settings(lcm_dir, tiny_ckpt)) as (ec, eapp, fc, _fapp):
+        mine = await _gen(fc, model="lcm", prompt="red cube", n=2, seed=5)
+        theirs = await _gen(ec, model="lcm", prompt="red cube", n=2, seed=5)
+        assert [d["b64_json"] for d in mine["data"]] == [d["b64_json"] for d in theirs["data"]]
+        assert mine["prompt_truncated"] is False
+        table = eapp.state.cm.engine.get("lcm").model.conditions
+        for _ in range(100):  # the release travels as a message after the answer
+            if not any(table._pins):
+                break
+            await asyncio.sleep(0.01)
+        assert not any(table._pins)

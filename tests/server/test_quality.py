@@ -211,3 +211,25 @@ async def test_openai_quality_words_map_to_tiers(tiny_ckpt: Path) -> None:
             assert r.json()["steps"] == want["steps"]
         bad = await c.post("/v1/images/generations", json={"prompt": "3", "quality": "ultra"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "quality"
+
+
+async def test_a_refused_redraw_keeps_the_images_and_is_not_a_rejected_request(tiny_ckpt: Path) -> None:
+    from server.batcher import QueueFull
+
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+        batcher = app.state.cm.batcher
+        real, calls = batcher.submit, []
+
+        def submit(job: Any) -> None:  # the first draw is queued, every re-draw finds it full
+            calls.append(job.n)
+            if len(calls) > 1:
+                raise QueueFull(1)
+            real(job)
+
+        batcher.submit = submit
+        before = await _metric(c, "cmserve_rejected_total")
+        out = await _one(c, model="a", n=12, seed=40, quality="fast", on_reject="resample", max_attempts=3)
+        assert len(calls) == 2 and calls[0] == 12 and calls[1] < 12  # one re-draw of the rejected
+        assert len(out["data"]) == 12 and all(d["attempts"] == 1 for d in out["data"])
+        assert not all(d["accepted"] for d in out["data"])  # answered with what it had
+        assert await _metric(c, "cmserve_rejected_total") == before
