@@ -93,6 +93,25 @@ async def test_front_end_answers_as_the_engine_process_does(tiny_ckpt: Path) -> 
         assert models == (await ec.get("/v1/models")).json()
 
 
+async def test_edits_interpolations_and_the_openai_route_through_a_front_end(tiny_ckpt: Path) -> None:
+    from tests.server.test_edits import DIGIT, MASK, png
+
+    async with linked(Settings(checkpoint=str(tiny_ckpt), buckets=[1, 4])) as (ec, _, fc, _fapp):
+        files = {"image": ("d.png", png(DIGIT), "image/png"), "mask": ("m.png", png(MASK), "image/png")}
+        form = {"n": "2", "seed": "4", "class_label": "7"}
+        calls = [
+            lambda c: c.post("/v1/images/edits", files=files, data=form),
+            lambda c: c.post("/v1/images/interpolations", json={"seed": 3, "seed_b": 8, "frames": 3}),
+            lambda c: c.post("/v1/images/generations", json={"prompt": "7", "n": 2, "seed": 5}),
+        ]
+        for call in calls:
+            mine, theirs = await call(fc), await call(ec)
+            assert mine.status_code == theirs.status_code == 200, mine.text
+            assert [d["b64_json"] for d in mine.json()["data"]] == [
+                d["b64_json"] for d in theirs.json()["data"]
+            ]
+
+
 async def test_queue_full_and_cancellation_cross_the_socket(tiny_ckpt: Path) -> None:
     s = Settings(checkpoint=str(tiny_ckpt), max_queue_images=4, max_batch_size=4)
     async with linked(s) as (_, eapp, fc, _fapp):
