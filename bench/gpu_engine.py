@@ -73,6 +73,31 @@ def _compare(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> dict[str
     }
 
 
+def host_breakdown(g: Any, steps: int, batch: int) -> dict[str, Any]:
+    """Where a served batch's time goes, each piece timed alone (ms, device synchronized): the
+    per-image seeded noise on the host, pinning it, the runner (copies in, replay, copy out,
+    which synchronizes), the finiteness check and uint8 conversion, and the whole
+    `Engine.run_batch` they make up."""
+    labels: list[int | None] = [i % 10 for i in range(batch)]
+    seeds = list(range(batch))
+    y = torch.tensor(labels, dtype=torch.long)
+    noise = g.call(g.make_noise, steps, seeds)
+    x = g.call(g.runner.run, steps, noise, y)
+
+    def ms(fn: Any) -> float:
+        return round(g.call(wall_median, fn, g.device, 0.2) * 1e3, 3)
+
+    return {
+        "steps": steps,
+        "batch": batch,
+        "noise_ms": ms(functools.partial(g.make_noise, steps, seeds)),
+        "pin_ms": ms(noise.pin_memory) if g.device.type == "cuda" else None,
+        "runner_ms": ms(functools.partial(g.runner.run, steps, noise, y)),
+        "finite_uint8_ms": ms(lambda: (bool(torch.isfinite(x).all()), g.card.to_uint8(x))),
+        "served_ms": ms(functools.partial(g.run_batch, steps, labels, seeds)),
+    }
+
+
 def check(dtypes: list[str], deadline: float = float("inf"), device: str = "cuda") -> dict[str, Any]:
     res: dict[str, Any] = {"consistency": [], "teacher": []}
     buckets = [1, 2, 4, 8, 16, 32, 64] if device == "cuda" else [1, 8]
@@ -103,6 +128,7 @@ def check(dtypes: list[str], deadline: float = float("inf"), device: str = "cuda
                         "replay_ms": round(replay[b] * 1e3, 3), "images_per_s": round(b / sec, 1),
                     })  # fmt: skip
             row["per_bucket"] = per_bucket
+            row["host_breakdown"] = [host_breakdown(g, 2, b) for b in (1, buckets[-1])]
             # batch invariance: image i alone == image i inside a batch of 64
             top = buckets[-1]
             labels_top: list[int | None] = [i % 10 for i in range(top)]

@@ -151,3 +151,21 @@ def test_every_bench_and_eval_flag_has_help() -> None:
                 if a.option_strings and a.help is None and "--help" not in a.option_strings:
                     missing.append(f"{name} {parser.prog}: {a.option_strings}")
     assert not missing, missing
+
+
+def test_host_breakdown_times_each_piece_of_a_served_batch(tiny_ckpt: Path) -> None:
+    from bench.gpu_engine import build_engine, host_breakdown
+    from bench.gpu_report import markdown
+
+    g = build_engine(tiny_ckpt, "eager", "auto", [1, 4], device="cpu")
+    try:
+        row = host_breakdown(g, 2, 4)
+    finally:
+        g.close()
+    assert (row["steps"], row["batch"], row["pin_ms"]) == (2, 4, None)  # nothing to pin off the GPU
+    assert all(row[k] > 0 for k in ("noise_ms", "runner_ms", "finite_uint8_ms", "served_ms"))
+    report = {"device": "cpu", "parts": {"engine": {"rc": 0, "result": {"consistency": [
+        {"dtype": "float32", "per_bucket": [], "vs_reference": [], "host_breakdown": [row]}]}}}}  # fmt: skip
+    md = markdown(report)
+    assert "| steps | batch | noise_ms | pin_ms | runner_ms | finite_uint8_ms | served_ms |" in md
+    assert "\n| 2 | 4 | " in md
