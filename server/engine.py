@@ -182,8 +182,6 @@ class Engine:
             )
             weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
             stepper = None
-            if settings.batching == "step" and card.latent_shape is not None:
-                raise ValueError(f"{card.name}: latent models are served with --batching request")
             if settings.batching == "step":
                 stepper = StepRunner(
                     model, card, settings.buckets, self.device, use_graphs=use_graphs, metrics=self.metrics

@@ -73,8 +73,11 @@ class StepRunner:
         self.use_graphs = use_graphs
         self.metrics = metrics or Metrics()
         self.ode = card.kind != "consistency"
-        shape = (card.channels, card.image_size, card.image_size)
-        self.image_shape = shape
+        # rows hold what the sampler draws: the latent, for a latent model (decoded as a row
+        # finishes), else the image itself
+        shape = card.noise_shape
+        self.row_shape = shape
+        self.decode = getattr(model, "decode", None)
         cap, dev = self.capacity, device
         self.state = torch.zeros((cap, *shape), device=dev)
         self.z = torch.zeros((cap, *shape), device=dev)
@@ -140,7 +143,7 @@ class StepRunner:
             for buf in self.edit.buffers():
                 buf[place].zero_()
             return
-        empty = Constraint.empty(1, self.image_shape)
+        empty = Constraint.empty(1, self.row_shape)
         rows = [(r.constraint or empty).buffers() for r in joining]
         for f, buf in enumerate(self.edit.buffers()):
             buf[place].copy_(torch.cat([r[f] for r in rows]), non_blocking=True)
@@ -193,7 +196,11 @@ class StepRunner:
         done = [r for r in self.rows if r.i + 1 == r.evals]
         finished = []
         if done:
-            x = self.out[torch.tensor([r.pos for r in done], device=self.device)].float().cpu()
+            x = self.out[torch.tensor([r.pos for r in done], device=self.device)]
+            if self.decode is not None:  # eager, over the rows that finished: k varies per call
+                with torch.inference_mode():
+                    x = self.decode(x)
+            x = x.float().cpu()
             images, finite = self.card.to_uint8(x), torch.isfinite(x).flatten(1).all(1).tolist()
             finished = [Finished(r.key, images[k], finite[k]) for k, r in enumerate(done)]
         for r in self.rows:

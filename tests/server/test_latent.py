@@ -113,3 +113,21 @@ async def test_prompted_model_through_a_front_end_process(lcm_dir: Path, tiny_ck
                 break
             await asyncio.sleep(0.01)
         assert not any(table._pins)
+
+
+async def test_step_batching_serves_a_prompted_model_with_the_same_images(
+    lcm_dir: Path, tiny_ckpt: Path
+) -> None:
+    """--batching step: rows of the prompted model join and leave evaluation by evaluation and
+    are decoded as they finish; each image is the one request batching serves."""
+    bodies = [
+        {"model": "lcm", "prompt": "red cube", "n": 2, "seed": 5, "steps": 4},
+        {"model": "lcm", "prompt": "blue ball", "n": 1, "seed": 9, "steps": 2, "guidance_scale": 2.0},
+        {"model": "mnist", "class_label": 3, "seed": 5},
+    ]
+    async with app_client(_settings(lcm_dir, tiny_ckpt)) as (c, _):
+        want = [[d["b64_json"] for d in (await _gen(c, **b))["data"]] for b in bodies]
+    s = _settings(lcm_dir, tiny_ckpt).model_copy(update={"batching": "step"})
+    async with app_client(s) as (c, _):
+        got = await asyncio.gather(*(_gen(c, **b) for b in bodies))  # mixed in flight
+    assert [[d["b64_json"] for d in g["data"]] for g in got] == want
