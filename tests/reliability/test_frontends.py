@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.procs import free_port, sample_sum
 from tests.procs import ServerProc, serve_process
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,9 @@ def generate(url: str, seed: int) -> int:
 
 
 def test_front_ends_serve_the_port_and_a_crashed_one_comes_back(tiny_ckpt: Path, tmp_path: Path) -> None:
-    with serve_process("--checkpoint", str(tiny_ckpt), "--frontends", "2", tmp=tmp_path) as sp:
+    ops = free_port()
+    args = ("--checkpoint", str(tiny_ckpt), "--frontends", "2", "--ops-port", str(ops))
+    with serve_process(*args, tmp=tmp_path) as sp:
         pids = frontend_pids(sp)
         assert sorted(pids) == [0, 1] and all(alive(p) for p in pids.values())
         with ThreadPoolExecutor(8) as pool:
@@ -61,6 +64,11 @@ def test_front_ends_serve_the_port_and_a_crashed_one_comes_back(tiny_ckpt: Path,
             time.sleep(0.2)
         assert sp.metric("cmserve_request_duration_seconds_count", route="/v1/generate") >= 40
         assert sp.metric("cmserve_batch_size_images_count") >= 1
+        # the ops listener (in the engine process) publishes the same sums
+        time.sleep(0.6)
+        text = httpx.get(f"http://127.0.0.1:{ops}/metrics", timeout=10).text
+        assert (sample_sum(text, "cmserve_request_duration_seconds_count", route="/v1/generate") or 0) >= 40
+        assert httpx.get(f"http://127.0.0.1:{ops}/readyz", timeout=10).status_code == 200
 
 
 def test_front_ends_do_not_outlive_the_engine(tiny_ckpt: Path, tmp_path: Path) -> None:

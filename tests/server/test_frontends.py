@@ -89,8 +89,8 @@ async def test_front_end_answers_as_the_engine_process_does(tiny_ckpt: Path) -> 
         # the front end validates on its own: the engine never hears of a bad request
         bad = await fc.post("/v1/generate", json={"class_label": 99})
         assert bad.status_code == 422 and bad.json()["error"]["param"] == "class_label"
-        models = (await fc.get("/v1/models")).json()
-        assert models == (await ec.get("/v1/models")).json()
+        for path in ("/v1/models", "/openapi.json"):  # the same cards, limits and tiers
+            assert (await fc.get(path)).json() == (await ec.get(path)).json(), path
 
 
 async def test_edits_interpolations_and_the_openai_route_through_a_front_end(tiny_ckpt: Path) -> None:
