@@ -62,6 +62,10 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class TableFull(RuntimeError):
+    """Every row of the text table holds a prompt of a request still queued or running."""
+
+
 class TextConditions:
     """An LRU table of (prompt, w) -> row: the text encoder's last hidden state and the guidance
     embedding. A row in use by a queued or running request is pinned (never evicted)."""
@@ -120,7 +124,7 @@ class TextConditions:
             if not self._pins[r]:
                 del self._rows[key]
                 return r
-        raise RuntimeError("every text-embedding slot is in use; raise the cache size")
+        raise TableFull(f"all {len(self._pins)} text-embedding rows hold prompts of queued requests")
 
 
 class LatentConsistency(nn.Module):

@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from models.latent_cm import TableFull
 from server import ipc
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, JobResult, QueueFull
 from server.deps import ServerState
@@ -210,9 +211,12 @@ class FrontendPool:
                 value = self.merged()
             else:
                 raise ValueError(f"unknown call {name!r}")
+        except TableFull:
+            c.chan.send(("fail-call", cid, "text_cache_full"))
+            return
         except Exception:
             log.exception("call %s of front end %d failed", name, c.index)
-            c.chan.send(("fail-call", cid))
+            c.chan.send(("fail-call", cid, "error"))
             return
         c.chan.send(("reply", cid, value))
 

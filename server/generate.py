@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from models.editing import RowEdit
 from models.grid import png_bytes
+from models.latent_cm import TableFull
 from server import accept, shadow
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, JobResult, QueueFull
 from server.deps import ApiError, ServerState
@@ -326,7 +327,14 @@ async def _text_row(st: ServerState, sm: ModelFacts, req: GenerateRequest) -> tu
     -> (row, whether the prompt was truncated)"""
     assert st.engine is not None and req.prompt is not None
     w = DEFAULT_GUIDANCE if req.guidance_scale is None else float(req.guidance_scale)
-    row, cut, hit = await st.engine.acquire_text(sm.name, req.prompt, w)
+    try:
+        row, cut, hit = await st.engine.acquire_text(sm.name, req.prompt, w)
+    except TableFull:  # as many distinct prompts queued as the table has rows: back off
+        st.metrics.rejected.labels("text_cache_full").inc()
+        raise ApiError(
+            429, "every text-embedding row holds a prompt still queued; retry later", code="text_cache_full",
+            headers={"Retry-After": "1"},
+        ) from None  # fmt: skip
     st.metrics.text_cache.labels(sm.name, "hit" if hit else "miss").inc()
     return row, cut
 

@@ -18,7 +18,7 @@ engine -> front end:
     ("meta", models, default)                     once, when the engine has loaded
     ("state", ready, draining, load_error, predictions)   every PUSH_S
     ("done", id, JobResult) / ("fail", id, kind, args) / ("cancelled", id)
-    ("reply", call_id, value) / ("fail-call", call_id) / ("drain",)
+    ("reply", call_id, value) / ("fail-call", call_id, kind) / ("drain",)
 """
 
 from __future__ import annotations

@@ -255,6 +255,7 @@ class Metrics:
         # before the first event instead of nothing.
         for reason in (
             "queue_full", "key_queue_share", "batch_queue_share", "key_rate", "deadline", "disconnected",
+            "text_cache_full",
             "draining",
         ):  # fmt: skip
             self.rejected.labels(reason)

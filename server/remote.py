@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.interface import ModelInfo
+from models.latent_cm import TableFull
 from server import ipc
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.deps import ServerState
@@ -125,6 +126,8 @@ class Link:
             if fut is not None and not fut.done():
                 if kind == "reply":
                     fut.set_result(msg[2])
+                elif msg[2] == "text_cache_full":
+                    fut.set_exception(TableFull("the engine's text table is full"))
                 else:
                     fut.set_exception(RuntimeError("the engine process could not answer"))
         elif kind == "drain" and not st.draining:

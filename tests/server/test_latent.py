@@ -131,3 +131,20 @@ async def test_step_batching_serves_a_prompted_model_with_the_same_images(
     async with app_client(s) as (c, _):
         got = await asyncio.gather(*(_gen(c, **b) for b in bodies))  # mixed in flight
     assert [[d["b64_json"] for d in g["data"]] for g in got] == want
+
+
+async def test_a_full_text_table_is_a_429_not_a_500(lcm_dir: Path, tiny_ckpt: Path) -> None:
+    """Every text row pinned by a queued request: a new prompt is told to back off (429,
+    Retry-After), in one process and through a front end; once rows are free it is served."""
+    from tests.server.test_frontends import linked
+
+    async with linked(_settings(lcm_dir, tiny_ckpt)) as (ec, eapp, fc, _fapp):
+        table = eapp.state.cm.engine.get("lcm").model.conditions
+        held = [eapp.state.cm.engine.call(table.acquire, f"p{i}", 8.5)[0] for i in range(len(table._pins))]
+        for c in (ec, fc):
+            r = await c.post("/v1/generate", json={"model": "lcm", "prompt": "a new prompt", "seed": 1})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "text_cache_full", r.text
+            assert r.headers["retry-after"] == "1"
+        for row in held:
+            table.release(row)
+        await _gen(fc, model="lcm", prompt="a new prompt", seed=1)
