@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from models.latent_cm import load_latent_cm  # noqa: E402
+from models.latent_cm import TableFull, load_latent_cm  # noqa: E402
 from models.load import load_model  # noqa: E402
 from models.sampler import consistency_sample  # noqa: E402
 from tests.models.lcm_fixtures import MAX_TOKENS, save_lcm_dir  # noqa: E402
@@ -67,7 +67,7 @@ def test_text_table_caches_pins_and_truncates(lcm_dir: Path) -> None:
     assert c.acquire("short", 4.0) == (a, False) and c.hits == 1  # same (prompt, w): same row
     b, _ = c.acquire("other", 4.0)
     assert b != a
-    with pytest.raises(RuntimeError, match="in use"):  # both rows pinned: nothing to evict
+    with pytest.raises(TableFull, match="queued requests"):  # both rows pinned: nothing to evict
         c.acquire("third", 4.0)
     c.release(a)
     c.release(a)  # a is free once its two users are done: the least recently used goes
