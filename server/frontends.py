@@ -59,9 +59,7 @@ class FrontendPool:
     async def start(self) -> FrontendPool:
         self._loop = asyncio.get_running_loop()
         self._server = await asyncio.start_unix_server(self._serve, self.path)
-        for i in range(self.n):
-            self._spawn(i)
-        self._spawn_task(self._supervise())
+        self._spawn_task(self._start_when_ready())
         self._spawn_task(self._push_state())
         self.st.merged_metrics = self.merged
         self.st.on_drain.append(self.drain)
@@ -79,6 +77,20 @@ class FrontendPool:
         p.start()
         self.procs[i] = p
         log.info("front end %d started (pid %d)", i, p.pid)
+
+    async def _start_when_ready(self) -> None:
+        """Spawn the front ends once the engine is warm: their start-up (a Python process each,
+        importing torch) would otherwise take the cores from the warm-up's timing of the buckets,
+        which picks the max batch size (on 2 cores it picked 1)."""
+        st = self.st
+        while not st.ready:
+            if st.load_error or st.draining:
+                log.error("the engine did not start: no front end started (%s)", st.load_error)
+                return
+            await asyncio.sleep(0.05)
+        for i in range(self.n):
+            self._spawn(i)
+        await self._supervise()
 
     async def _supervise(self) -> None:
         while True:
