@@ -28,7 +28,7 @@ from models.interface import ModelInfo
 from models.latent_cm import TableFull
 from server import ipc
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
-from server.deps import ServerState
+from server.deps import ApiError, ServerState
 from server.engine import UnknownModel
 from server.metrics import families
 from server.tiers import Tier
@@ -75,10 +75,14 @@ class Link:
     def send(self, *msg: Any) -> None:
         self.chan.send(msg)
 
+    def next_id(self) -> int:
+        return next(self._next)
+
     async def call(self, name: str, *args: Any) -> Any:
+        """Ask the engine process; 503 if it is gone (before or while asking)."""
         if self.lost:
-            raise Draining()
-        cid = next(self._next)
+            raise _gone()
+        cid = self.next_id()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.calls[cid] = fut
         self.send("call", cid, name, args)
@@ -150,13 +154,17 @@ class Link:
         self.idle.set()
         for fut in self.calls.values():
             if not fut.done():
-                fut.set_exception(Draining())
+                fut.set_exception(_gone())
         self.calls.clear()
         if not self.meta.done():
             self.meta.set_exception(RuntimeError("the engine process is gone"))
         if not st.draining:
             log.error("lost the engine process: draining and exiting")
             self.stop()
+
+
+def _gone() -> ApiError:
+    return ApiError(503, "server is shutting down", code="draining", headers={"Retry-After": "1"})
 
 
 def _failure(kind: str, args: tuple[Any, ...]) -> Exception:
@@ -180,7 +188,7 @@ class RemoteBatcher:
         link = self.link
         if link.lost:
             raise Draining()
-        jid = next(link._next)
+        jid = link.next_id()
         link.jobs[jid], link.ids[job] = job, jid
         link.idle.clear()
         spec = ipc.JobSpec(

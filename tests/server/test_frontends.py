@@ -147,6 +147,7 @@ async def test_losing_the_engine_answers_what_waits_and_drains(tiny_ckpt: Path) 
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
         assert fapp.state.stops == [1]  # the front end begins its drain
         assert (await fc.get("/readyz")).status_code == 503
+        assert (await fc.get("/metrics")).status_code == 503  # a question for the engine: 503
         gate.set()
 
 
