@@ -49,7 +49,7 @@ PARTS: list[tuple[str, int]] = [
     ("engine", 110),
     ("pytest", 70),
     ("server", 130),
-    ("frontend", 100),
+    ("frontend", 150),
     ("quality", 50),
     ("kbench", 50),
     ("asweep", 120),
