@@ -75,14 +75,9 @@ def load(port: int, concurrency: int, duration: float, clients: int) -> RunResul
         return _client(port, concurrency, duration, 0)
     per = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
     with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(_client, [port] * clients, per, [duration] * clients, range(clients)))
-    res = RunResult(0.0, duration, wall_s=max(p.wall_s for p in parts))
-    for p in parts:
-        res.sent += p.sent
-        res.latencies_ok += p.latencies_ok
-        for k, v in p.statuses.items():
-            res.statuses[k] = res.statuses.get(k, 0) + v
-    return res
+        return RunResult.combined(
+            list(pool.map(_client, [port] * clients, per, [duration] * clients, range(clients)))
+        )
 
 
 def measure(proc: Proc, concurrency: int, duration: float, clients: int = 1) -> dict[str, Any]:

@@ -106,6 +106,21 @@ class RunResult:
     wall_s: float = 0.0
     by_class: dict[str, list[float]] = field(default_factory=dict)  # 2xx latencies per request class
 
+    @classmethod
+    def combined(cls, parts: list[RunResult]) -> RunResult:
+        """The results of loads run side by side (one per client process), as one."""
+        res = cls(sum(p.rate for p in parts), max(p.duration_s for p in parts))
+        res.wall_s = max(p.wall_s for p in parts)
+        for p in parts:
+            res.sent += p.sent
+            res.images_ok += p.images_ok
+            res.latencies_ok += p.latencies_ok
+            for k, v in p.statuses.items():
+                res.statuses[k] = res.statuses.get(k, 0) + v
+            for c, lat in p.by_class.items():
+                res.by_class.setdefault(c, []).extend(lat)
+        return res
+
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ok)
 

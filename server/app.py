@@ -369,6 +369,19 @@ async def _start(st: ServerState) -> None:
         log.exception("start-up failed")
 
 
+def uvicorn_config(app: FastAPI, s: Settings) -> uvicorn.Config:
+    """How every cmserve process runs its app under uvicorn."""
+    return uvicorn.Config(
+        app,
+        host=s.host,
+        port=s.port,
+        log_level=s.log_level,
+        log_config=None,  # uvicorn's loggers go through cmserve's handler (text or JSON)
+        access_log=False,  # cmserve's own access log carries the request id (--access-log)
+        timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
+    )
+
+
 class DrainingServer(uvicorn.Server):
     """On the first SIGTERM/SIGINT: /readyz and new requests get 503 at once, queued and running
     requests finish, then uvicorn's own shutdown waits for open connections and closes the

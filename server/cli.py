@@ -13,7 +13,6 @@ import socket
 import sys
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 
 ENV_ONLY = {"api_keys"}  # secrets: from the environment or a file, never a flag that `ps` shows
@@ -67,7 +66,6 @@ def _version() -> str:
 
 
 def _check_ports_free(s: Any) -> None:
-
     for port in (s.port, s.ops_port):
         if not port:
             continue
@@ -82,7 +80,7 @@ def _check_ports_free(s: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from models.checkpoint import CheckpointError
     from server import logs
-    from server.app import DrainingServer, create_app
+    from server.app import DrainingServer, create_app, uvicorn_config
     from server.engine import Engine
     from server.metrics import Metrics
 
@@ -102,16 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         s.port = reserved.getsockname()[1]
         sockets = []
     app = create_app(s, engine, metrics)
-    config = uvicorn.Config(
-        app,
-        host=s.host,
-        port=s.port,
-        log_level=s.log_level,
-        log_config=None,  # uvicorn's loggers go through cmserve's handler (text or JSON)
-        access_log=False,  # cmserve's own access log carries the request id (--access-log)
-        timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
-    )
-    DrainingServer(config, app.state.cm).run(sockets=sockets)
+    DrainingServer(uvicorn_config(app, s), app.state.cm).run(sockets=sockets)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -111,6 +111,17 @@ class UnknownModel(KeyError):
     pass
 
 
+M = TypeVar("M")
+
+
+def pick(models: Mapping[str, M], default: str, name: str | None) -> M:
+    """The model served as `name` (None: the default); UnknownModel if none is."""
+    try:
+        return models[name or default]
+    except KeyError:
+        raise UnknownModel(name) from None
+
+
 class Engine:
     def __init__(self, settings: Settings, metrics: Metrics, *, inline: bool = False) -> None:
         """inline: no compute thread of its own; `call` runs on the caller's thread (for a host
@@ -230,11 +241,7 @@ class Engine:
                 mx.rerolls.labels(m.name, policy)
 
     def get(self, name: str | None = None) -> ServedModel:
-        """The model served as `name` (None: the default); UnknownModel if none is."""
-        try:
-            return self.models[name or self.default]
-        except KeyError:
-            raise UnknownModel(name) from None
+        return pick(self.models, self.default, name)
 
     async def acquire_text(self, model: str, prompt: str, w: float) -> tuple[int, bool, bool]:
         """A prompted model's text-table row for (prompt, w), encoded on the compute thread on

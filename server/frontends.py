@@ -28,8 +28,9 @@ from server import ipc
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, JobResult, QueueFull
 from server.deps import ServerState
 from server.engine import Engine
-from server.metrics import Families, Merged
+from server.metrics import Families, Merged, added
 from server.remote import ModelView, run_frontend
+from server.shadow import queue_shadow
 
 log = logging.getLogger("cmserve.frontends")
 RESTART_BACKOFF_S = 1.0
@@ -51,7 +52,7 @@ class FrontendPool:
         self.path = os.path.join(self.dir, "engine.sock")
         self.procs: list[Any] = [None] * n
         self.conns: set[_Conn] = set()
-        self.retired: list[Families] = []  # counters of front ends that exited
+        self.retired: Families = []  # the summed counts of front ends that exited
         self._ctx = multiprocessing.get_context("spawn")
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -81,7 +82,7 @@ class FrontendPool:
     async def _start_when_ready(self) -> None:
         """Spawn the front ends once the engine is warm: their start-up (a Python process each,
         importing torch) would otherwise take the cores from the warm-up's timing of the buckets,
-        which picks the max batch size (on 2 cores it picked 1)."""
+        which picks the max batch size (docs/operations.md)."""
         st = self.st
         while not st.ready:
             if st.load_error or st.draining:
@@ -127,7 +128,7 @@ class FrontendPool:
                 msg = await ipc.receive(reader)
                 if msg[0] == "hello":
                     c.index = msg[1]
-                    self._spawn_task(self._send_meta(c))
+                    self._send_meta(c)
                 else:
                     self._on(c, msg)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -135,13 +136,9 @@ class FrontendPool:
         finally:
             self._forget(c)
 
-    async def _send_meta(self, c: _Conn) -> None:
+    def _send_meta(self, c: _Conn) -> None:
         st = self.st
-        while not isinstance(st.engine, Engine):  # loading in the background
-            if st.load_error:  # the front end's start-up fails with it
-                c.chan.close()
-                return
-            await asyncio.sleep(0.05)
+        assert isinstance(st.engine, Engine)  # front ends start once the engine is ready
         models = {
             n: ModelView(m.card, m.tiers, m.placeholder, m.accept_check) for n, m in st.engine.models.items()
         }
@@ -168,8 +165,6 @@ class FrontendPool:
             if st.engine is not None:
                 st.engine.release_text(msg[1], msg[2])
         elif kind == "shadow":
-            from server.shadow import queue_shadow
-
             queue_shadow(st, *msg[1:])
         elif kind == "metrics":
             c.families = msg[1]
@@ -243,14 +238,14 @@ class FrontendPool:
         if st.engine is not None:
             for model, row in c.pins:
                 st.engine.release_text(model, row)
-        # its counters and histograms stay in the sums (a restart must not look like a reset)
-        self.retired.append([f for f in c.families if f[1] not in ("gauge", "info", "stateset")])
+        # its counts stay in the sums (a restart must not look like a reset); its levels go
+        self.retired = added(self.retired, c.families)
         with contextlib.suppress(Exception):
             c.chan.close()
 
     # ---- metrics, drain, stop ------------------------------------------------------------------
     def merged(self) -> bytes:
-        others = [c.families for c in list(self.conns)] + self.retired
+        others = [c.families for c in list(self.conns)] + [self.retired]
         return generate_latest(Merged(self.st.metrics.registry, others))
 
     def drain(self) -> None:

@@ -82,8 +82,3 @@ async def receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
     n = int.from_bytes(await reader.readexactly(_LEN), "little")
     msg: tuple[Any, ...] = pickle.loads(await reader.readexactly(n))
     return msg
-
-
-# A failed job's exception, by name, with its arguments: exceptions with their own __init__ do
-# not all pickle back, and the front end needs only these.
-FAILURES = ("deadline", "draining", "failed", "full")

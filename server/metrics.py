@@ -266,9 +266,10 @@ class Metrics:
 # One process's samples as plain data (what a front-end process sends the engine process):
 # [(family name, type, help, unit, [(sample name, labels, value)])]
 Families = list[tuple[str, str, str, str, list[tuple[str, dict[str, str], float]]]]
-# Gauges that count something each process holds a part of; every other gauge (readiness, queue
-# depth, memory of the process) is the engine process's own.
-SUMMED_GAUGES = {"cmserve_inflight_requests"}
+# Kinds whose value is a level of one process (readiness, queue depth, memory), not a count that
+# adds up across processes; but SUMMED_GAUGES count what each process holds a part of.
+LEVEL_KINDS = ("gauge", "info", "stateset")
+SUMMED_GAUGES = frozenset({"cmserve_inflight_requests"})
 
 
 def families(registry: CollectorRegistry) -> Families:
@@ -278,30 +279,41 @@ def families(registry: CollectorRegistry) -> Families:
     ]
 
 
+def added(base: Families, more: Families, levels: frozenset[str] = frozenset()) -> Families:
+    """`base` with `more`'s samples added, sample by sample (so rates and quantiles cover both);
+    `more`'s levels (LEVEL_KINDS) are left out but for the gauges named in `levels`."""
+    out: dict[str, tuple[str, str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for i, fams in enumerate((base, more)):
+        for name, kind, doc, unit, samples in fams:
+            if i and kind in LEVEL_KINDS and name not in levels:
+                continue
+            values = out.setdefault(name, (kind, doc, unit, {}))[3]
+            for sname, labels, value in samples:
+                key = (sname, tuple(sorted(labels.items())))
+                values[key] = values.get(key, 0.0) + value
+    return [
+        (name, kind, doc, unit, [(s, dict(pairs), v) for (s, pairs), v in values.items()])
+        for name, (kind, doc, unit, values) in out.items()
+    ]
+
+
 class Merged:
-    """The engine process's metrics with its front ends' added: counters and histograms summed
-    sample by sample (so rates and quantiles cover every process), gauges the engine's own but
-    for SUMMED_GAUGES. `generate_latest(Merged(...))` is the exposition."""
+    """The engine process's metrics with its front ends' added: counters and histograms summed,
+    gauges the engine's own but for SUMMED_GAUGES. `generate_latest(Merged(...))` is the
+    exposition."""
 
     def __init__(self, own: CollectorRegistry, others: list[Families]) -> None:
         self.own, self.others = own, others
 
     def collect(self) -> list[Metric]:
-        merged: dict[str, tuple[Metric, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
-        for i, fams in enumerate([families(self.own), *self.others]):
-            for name, kind, doc, unit, samples in fams:
-                if i and kind in ("gauge", "info", "stateset") and name not in SUMMED_GAUGES:
-                    continue
-                if name not in merged:
-                    merged[name] = (Metric(name, doc, kind, unit), {})
-                values = merged[name][1]
-                for sname, labels, value in samples:
-                    key = (sname, tuple(sorted(labels.items())))
-                    values[key] = values.get(key, 0.0) + value
+        fams = families(self.own)
+        for other in self.others:
+            fams = added(fams, other, SUMMED_GAUGES)
         out = []
-        for metric, values in merged.values():
-            for (sname, pairs), value in values.items():
-                metric.add_sample(sname, dict(pairs), value)
+        for name, kind, doc, unit, samples in fams:
+            metric = Metric(name, doc, kind, unit)
+            for sname, labels, value in samples:
+                metric.add_sample(sname, labels, value)
             out.append(metric)
         return out
 

@@ -29,7 +29,7 @@ from models.latent_cm import TableFull
 from server import ipc
 from server.batcher import BatchFailed, DeadlineExceeded, Draining, Job, QueueFull
 from server.deps import ApiError, ServerState
-from server.engine import UnknownModel
+from server.engine import pick
 from server.metrics import families
 from server.tiers import Tier
 
@@ -187,7 +187,7 @@ class RemoteBatcher:
     def submit(self, job: Job) -> None:
         link = self.link
         if link.lost:
-            raise Draining()
+            raise _gone()
         jid = link.next_id()
         link.jobs[jid], link.ids[job] = job, jid
         link.idle.clear()
@@ -241,10 +241,7 @@ class EngineView:
         return self._models
 
     def get(self, name: str | None = None) -> ModelView:
-        try:
-            return self._models[name or self._default]
-        except KeyError:
-            raise UnknownModel(name) from None
+        return pick(self._models, self._default, name)
 
     async def acquire_text(self, model: str, prompt: str, w: float) -> tuple[int, bool, bool]:
         row, cut, hit = await self.link.call("text", model, prompt, w)
@@ -313,18 +310,11 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 def run_frontend(settings: Any, path: str, index: int) -> None:
     """Entry point of a front-end process (spawned by the engine process's FrontendPool)."""
-    import uvicorn
-
     from server import logs
-    from server.app import DrainingServer, create_app
+    from server.app import DrainingServer, create_app, uvicorn_config
 
     logs.configure(settings.log_level, settings.log_format)
-    s = settings.model_copy(update={"frontends": 1, "ops_port": 0})
-    s._env_keys = settings._env_keys
+    s = settings.model_copy(update={"frontends": 1, "ops_port": 0})  # the keys file's keys kept
     app = create_app(s, starter=lambda st: connect(st, path, index))
-    config = uvicorn.Config(
-        app, host=s.host, port=s.port, log_level=s.log_level, log_config=None, access_log=False,
-        timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
-    )  # fmt: skip
     sock = reuseport_socket(s.host, s.port)
-    DrainingServer(config, app.state.cm).run(sockets=[sock])
+    DrainingServer(uvicorn_config(app, s), app.state.cm).run(sockets=[sock])
