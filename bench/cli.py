@@ -85,7 +85,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--checkpoint", default="", help="model shape to stub (default: the tiny placeholder)")
     f.add_argument("--concurrency", type=int, default=64, help="requests kept in flight")
     f.add_argument("--duration", type=float, default=5.0, help="seconds per server")
-    f.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
+    f.add_argument(
+        "--peers",
+        default="litserve,plain",
+        help="servers to run beside cmserve: litserve, plain (a bare FastAPI route), fastapi_routes "
+        "(cmserve without its short path for the generate routes)",
+    )
     f.add_argument("--frontends", default="1,2", help="cmserve's front-end process counts to run")
     f.add_argument("--clients", type=int, default=1, help="load-generating processes")
     f.add_argument("--quick", action="store_true", help="a short run that keeps the harness working")

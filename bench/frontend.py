@@ -59,6 +59,8 @@ def specs(checkpoint: str, frontends: list[int]) -> dict[str, tuple[list[str], s
         cmserve_name(k): ([py, "-m", "bench.stub_serve", *flags, "--frontends", str(k)], "/readyz")
         for k in frontends
     }
+    # cmserve itself without its short path for the generate routes (server/hot_routes.py)
+    out["fastapi_routes"] = ([py, "-m", "bench.stub_serve", *flags, "--fastapi-routes"], "/readyz")
     out["litserve"] = ([py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint], "/health")
     out["plain"] = ([py, "-m", "bench.peers", "plain", "--checkpoint", checkpoint], "/readyz")
     return out
@@ -116,7 +118,7 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "duration_s": duration, "servers": {}}
     frontends = [int(k) for k in args.frontends.split(",")]
     for name, (cmd, ready) in specs(ckpt, frontends).items():
-        if name in ("litserve", "plain") and name not in args.peers.split(","):
+        if name in ("fastapi_routes", "litserve", "plain") and name not in args.peers.split(","):
             continue
         proc = Proc(cmd, ready, tmp / f"{name}.log")
         try:

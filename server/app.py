@@ -29,6 +29,7 @@ from server.errors import EdgeMiddleware, error_response, request_id_of, validat
 from server.fairness import RateLimiter
 from server.frontends import FrontendPool
 from server.generate import generate as handle_generate
+from server.hot_routes import HotRoutes
 from server.metrics import Metrics
 from server.ops_listener import OpsServer
 from server.schemas import (
@@ -104,6 +105,22 @@ def create_app(
         description="Few-step consistency model inference server.",
     )
     app.state.cm = st
+
+    # The serving routes: their keys are checked inline (not through Depends) and HotRoutes
+    # calls them past FastAPI's routing; they stay registered with FastAPI (below) for the
+    # OpenAPI document.
+    async def generate(request: Request) -> Any:
+        check_key(request, st)
+        return await handle_generate(request, st)
+
+    async def images_generations(request: Request) -> Any:
+        """The OpenAI Images API: the prompt names the class; cmserve's fields ride along."""
+        check_key(request, st)
+        return await openai_images.images_generations(request, st)
+
+    # added first, so the innermost of the app's middleware: EdgeMiddleware and CORS wrap it
+    hot = {"/v1/generate": generate, "/v1/images/generations": images_generations}
+    app.add_middleware(HotRoutes, routes=hot)
     app.add_middleware(
         EdgeMiddleware,
         metrics=metrics,
@@ -131,10 +148,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(
-            e.status, e.message, request_id_of(request.scope), param=e.param, code=e.code, headers=e.headers,
-            errors=e.errors,
-        )  # fmt: skip
+        return e.response(request_id_of(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -196,7 +210,7 @@ def create_app(
         e = st.engine
         return ModelList(data=[model_card(m, m.name == e.default) for m in e.models.values()])
 
-    @app.post(
+    app.post(
         "/v1/generate",
         response_model=GenerateResponse,
         responses={200: {"description": "JSON, or the PNG itself when `Accept: image/png` and n = 1"}},
@@ -206,14 +220,8 @@ def create_app(
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
             }
         },
-    )
-    async def generate(request: Request) -> Any:
-        # The hot route checks its key inline instead of through Depends: FastAPI's dependency
-        # solving cost ~60 us per request here, CPU taken from the batch running beside it.
-        check_key(request, st)
-        return await handle_generate(request, st)
-
-    @app.post(
+    )(generate)
+    app.post(
         "/v1/images/generations",
         openapi_extra={
             "requestBody": {
@@ -221,11 +229,7 @@ def create_app(
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ImagesRequest"}}},
             }
         },
-    )
-    async def images_generations(request: Request) -> Any:
-        """The OpenAI Images API: the prompt names the class; cmserve's fields ride along."""
-        check_key(request, st)
-        return await openai_images.images_generations(request, st)
+    )(images_generations)
 
     @app.post(
         "/v1/images/edits",

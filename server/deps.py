@@ -12,9 +12,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from prometheus_client import generate_latest
+from starlette.responses import JSONResponse
 
 from server.batcher import JobQueue
 from server.engine import EngineFacts
+from server.errors import error_response
 from server.fairness import RateLimiter
 from server.keys import key_ok
 from server.metrics import Metrics
@@ -83,6 +85,12 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.errors = errors  # every field at fault, for a body with several
 
+    def response(self, request_id: str) -> JSONResponse:
+        return error_response(
+            self.status, self.message, request_id, param=self.param, code=self.code, headers=self.headers,
+            errors=self.errors,
+        )  # fmt: skip
+
 
 async def get_state(request: Request) -> ServerState:
     return request.app.state.cm
@@ -100,7 +108,8 @@ def readiness(st: ServerState) -> tuple[int, str]:
 
 
 def check_key(request: Request, st: ServerState) -> None:
-    if not key_ok(request.headers.get("authorization", ""), st.settings.api_keys):
+    keys = st.settings.api_keys
+    if keys and not key_ok(request.headers.get("authorization", ""), keys):
         raise ApiError(
             401, "missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )

@@ -87,6 +87,21 @@ class EdgeMiddleware:
         self.metrics = metrics
         self.max_body = max_body_bytes
         self.draining = draining
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def _series(self, route: str, code: int) -> tuple[Any, Any]:
+        """The (count, latency) children of (route, code), looked up once: prometheus_client's
+        labels() costs a lock and a string join per call, on every request otherwise. Bounded:
+        routes are KNOWN_ROUTES or "other", codes the few the server answers."""
+        key = (route, code)
+        series = self._children.get(key)
+        if series is None:
+            series = (
+                self.metrics.requests.labels(route, str(code)),
+                self.metrics.request_latency.labels(route, f"{code // 100}xx"),
+            )
+            self._children[key] = series
+        return series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -140,10 +155,10 @@ class EdgeMiddleware:
                 )
                 await resp(scope, receive, send_wrapped)
         finally:
-            self.metrics.requests.labels(route, str(status["code"])).inc()
             elapsed = time.perf_counter() - t0
-            status_class = f"{status['code'] // 100}xx"
-            self.metrics.request_latency.labels(route, status_class).observe(elapsed)
+            count, latency = self._series(route, status["code"])
+            count.inc()
+            latency.observe(elapsed)
             if self.access_log:
                 client = scope.get("client") or ("", 0)
                 access.info(
