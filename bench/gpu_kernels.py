@@ -26,6 +26,8 @@ NORM_SHAPES = [(4, 49, 192), (8, 256, 768), (4, 256, 1152), (3, 49, 1023)]
 # (B, H, N, Dh): MNIST DiT, DiT-B/2, DiT-XL/2, odd sizes, the largest head dim, a long sequence
 ATTN_SHAPES = [(4, 6, 49, 32), (2, 12, 256, 64), (2, 16, 256, 72), (1, 2, 77, 24), (1, 2, 130, 128),
                (1, 4, 1024, 64)]  # fmt: skip
+# (rows, K, N) of the MLP's first layer: MNIST DiT, DiT-B/2, DiT-XL/2 (rows = B·tokens), odd sizes
+LINEAR_SHAPES = [(4 * 49, 192, 768), (8 * 256, 768, 3072), (4 * 256, 1152, 4608), (77, 200, 136)]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -104,6 +106,20 @@ def _attention_cases(
     return rows
 
 
+def _linear_gelu_case(dt: torch.dtype, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
+    """cuBLASLt's bias+GELU epilogue against the reference's two ops. The epilogue rounds once,
+    the reference after the matmul too, so the fused op should be the nearer of the two; an
+    epilogue with the exact (erf) GELU instead of the tanh form fails the fp32 bound."""
+    from kernels import triton_ops as K
+
+    x64, w64, b64 = (t.double() for t in (x, w, b))
+    shape = (x.shape[0], x.shape[1], w.shape[0])
+    return _case(
+        "linear_gelu", dt, shape, lambda: K.linear_gelu(x, w, b), lambda: reference.linear_gelu(x, w, b),
+        lambda: reference.linear_gelu(x64, w64, b64),
+    )  # fmt: skip
+
+
 def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -121,4 +137,7 @@ def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
             qkv = rnd(B, N, 3, H, Dh).to(dt).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, Dh], strided views
             w = (torch.rand(Dh, device=device, generator=g) + 0.5).to(dt)
             rows += _attention_cases(dt, qkv[0], qkv[1], qkv[2], w)
+        for M, Kd, N in LINEAR_SHAPES:
+            x, w, b = rnd(M, Kd).to(dt), (rnd(N, Kd) / Kd**0.5).to(dt), rnd(N).to(dt)
+            rows.append(_linear_gelu_case(dt, x, w, b))
     return rows

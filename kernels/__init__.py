@@ -76,6 +76,7 @@ def _dispatch(name: str) -> Callable[..., Any]:
 adaln_norm = _dispatch("adaln_norm")
 gated_residual = _dispatch("gated_residual")
 attention = _dispatch("attention")
+linear_gelu = _dispatch("linear_gelu")
 residual_adaln_norm = _dispatch("residual_adaln_norm")
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "backend_for",
     "force_triton",
     "gated_residual",
+    "linear_gelu",
     "reference",
     "residual_adaln_norm",
     "triton_available",

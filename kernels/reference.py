@@ -66,6 +66,11 @@ def attention(
     return _into(F.scaled_dot_product_attention(q, k, v), out)
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh form) of x @ weight^T + bias: the DiT MLP's first half. x: [..., K] -> [..., N]."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
 def residual_adaln_norm(
     x: torch.Tensor,
     gate: torch.Tensor,

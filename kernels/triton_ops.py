@@ -1,7 +1,9 @@
-"""The Triton implementations, one op per module, gathered for `kernels`' dispatch."""
+"""The fused implementations, one op per module, gathered for `kernels`' dispatch: Triton
+kernels, and one cuBLASLt epilogue (linear_gelu)."""
 
 from kernels.adaln_norm_kernel import adaln_norm, residual_adaln_norm
 from kernels.attention_kernel import attention
 from kernels.gated_residual_kernel import gated_residual
+from kernels.linear_gelu_epilogue import linear_gelu
 
-__all__ = ["adaln_norm", "attention", "gated_residual", "residual_adaln_norm"]
+__all__ = ["adaln_norm", "attention", "gated_residual", "linear_gelu", "residual_adaln_norm"]

@@ -91,7 +91,8 @@ def test_gpu_check_harness_on_cpu(tmp_path: Path) -> None:
     )
     rows = model["rows"]
     assert {r["batch"] for r in rows} == {1, 8} and all("error" not in r for r in rows)
-    assert all(r["tflops"] > 0 and r["x_bound"] >= 1 for r in rows)
+    # tflops is rounded to 0.01: a loaded CI machine can round it to 0
+    assert all(r["tflops"] >= 0 and r["graph_ms"] > 0 and r["x_bound"] >= 1 for r in rows), rows
     md = next(tmp_path.glob("*.md")).read_text()
     assert "## model" in md and "pct_peak" in md
 

@@ -41,6 +41,16 @@ def test_native_kernels_match_references(dtype: torch.dtype) -> None:
             reference.attention(qkv[0], qkv[1], qkv[2], w, w),
             dtype,
         )
+    for M, K, N in [(196, 192, 768), (77, 200, 136)]:  # cuBLASLt's bias+GELU epilogue
+        x, w, b = (
+            torch.randn(M, K, device=dev),
+            torch.randn(N, K, device=dev) / K**0.5,
+            torch.randn(N, device=dev),
+        )
+        lp = [t.to(dtype) for t in (x, w, b)]
+        assert_close_to_fp32(
+            kernels.linear_gelu(*lp), reference.linear_gelu(*lp), reference.linear_gelu(x, w, b), dtype
+        )
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "weights"
