@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -129,10 +130,17 @@ def test_json_logs_with_request_ids_an_access_log_and_one_ready_line(tiny_ckpt: 
             c.post("/v1/generate", json={"seed": 1}, headers={"x-request-id": "req-abc"}).status_code == 200
         )
         assert c.post("/v1/generate", json={"n": 0}, headers={"x-request-id": "req-bad"}).status_code == 422
-        log = sp.output()
-    lines = [json.loads(ln) for ln in log.splitlines() if ln.strip()]  # every line is one JSON object
+        # an access line is written once its response is sent, so it can trail the client's read
+        deadline = time.monotonic() + 10
+        while True:
+            text = sp.output()
+            text = text[: text.rfind("\n") + 1]  # whole lines only: the server may be mid-write
+            lines = [json.loads(ln) for ln in text.splitlines() if ln.strip()]  # one JSON object each
+            access = {ln["request_id"]: ln for ln in lines if ln["logger"] == "cmserve.access"}
+            if "req-bad" in access or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert all({"time", "level", "logger", "message"} <= set(ln) for ln in lines)
-    access = {ln["request_id"]: ln for ln in lines if ln["logger"] == "cmserve.access"}
     assert access["req-abc"]["status"] == 200 and access["req-abc"]["path"] == "/v1/generate"
     assert access["req-bad"]["status"] == 422 and access["req-abc"]["duration_ms"] > 0
     ready = [ln for ln in lines if ln["message"].startswith("ready:")]
