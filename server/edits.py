@@ -22,11 +22,21 @@ from fastapi import Request
 from fastapi.responses import Response
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from starlette.requests import ClientDisconnect
 
 from models.editing import RowEdit, patch_sizes
 from models.interface import ModelInfo
 from server.deps import ApiError, ServerState
-from server.generate import json_response, parse_body, read_json, ready_engine, serve, served_model, validate
+from server.generate import (
+    client_gone,
+    json_response,
+    parse_body,
+    read_json,
+    ready_engine,
+    serve,
+    served_model,
+    validate,
+)
 from server.schemas import MAX_SEED, TIMEOUT_HELP, JsonInt, Seconds
 
 
@@ -92,6 +102,8 @@ async def read_edit(request: Request) -> tuple[dict[str, Any], bytes | None, byt
         return obj, _b64(image, "image"), _b64(mask, "mask")
     try:
         form = await request.form()
+    except ClientDisconnect:
+        raise client_gone() from None
     except Exception as e:  # a malformed multipart body
         raise ApiError(400, f"malformed multipart body: {e}", code="invalid_multipart") from None
     fields: dict[str, Any] = {}

@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from models.editing import RowEdit
 from models.grid import png_bytes
@@ -46,12 +47,25 @@ def _accepts_png(request: Request) -> bool:
     return "image/png" in accept and "application/json" not in accept
 
 
+def client_gone() -> ApiError:
+    """A client that hung up before its body arrived: a 499 (nobody reads it) like one that left
+    while queued, not a server error — and nothing of it reaches the model."""
+    return ApiError(499, "client closed the request", code="client_closed")
+
+
+async def read_body(request: Request) -> bytes:
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise client_gone() from None
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object, or 415 / 400."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "content-type must be application/json", code="unsupported_media_type")
-    body = await request.body()
+    body = await read_body(request)
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):

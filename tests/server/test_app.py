@@ -371,3 +371,40 @@ async def test_one_validation_vocabulary(tiny_ckpt: Path) -> None:
         r = await c.post("/v1/generate/", json={})
         assert r.status_code == 404
         assert app.state.cm.batcher.batches_run == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "ctype"),
+    [("/v1/generate", b"application/json"), ("/v1/images/generations", b"application/json"),
+     ("/v1/images/edits", b"application/json"), ("/v1/images/edits", b"multipart/form-data; boundary=xyz")],
+)  # fmt: skip
+async def test_client_gone_before_its_body_arrived_is_a_499_not_a_server_error(
+    tiny_ckpt: Path, path: str, ctype: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that hangs up mid-upload is counted as a 499 like one that leaves while queued:
+    not a 500 (which would page whoever alerts on the 5xx rate), no traceback in the log."""
+    async with app_client(_settings(tiny_ckpt)) as (c, app):
+        messages = iter([
+            {"type": "http.request", "body": b'--xyz\r\nContent-Disposition: form', "more_body": True},
+            {"type": "http.disconnect"},
+        ])  # fmt: skip
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return next(messages)
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+            "headers": [(b"content-type", ctype), (b"content-length", b"100")],
+            "client": ("127.0.0.1", 5555), "server": ("test", 80),
+        }  # fmt: skip
+        await app(scope, receive, send)
+        body = (await c.get("/metrics")).text
+    assert f'cmserve_requests_total{{code="499",route="{path}"}} 1.0' in body
+    assert 'code="500"' not in body
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    assert app.state.cm.batcher.batches_run == 0
