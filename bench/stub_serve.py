@@ -21,6 +21,7 @@ from server.hot_routes import HotRoutes
 
 engine_mod.Engine.run_batch = stub_run_batch  # type: ignore[method-assign]
 FASTAPI_ROUTES = "--fastapi-routes"
+_create_app = app_mod.create_app
 
 
 def _create_app_without_hot_routes(*args: Any, **kwargs: Any) -> Any:
@@ -28,8 +29,6 @@ def _create_app_without_hot_routes(*args: Any, **kwargs: Any) -> Any:
     app.user_middleware = [m for m in app.user_middleware if m.cls is not HotRoutes]
     return app
 
-
-_create_app = app_mod.create_app
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

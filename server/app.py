@@ -106,9 +106,9 @@ def create_app(
     )
     app.state.cm = st
 
-    # The serving routes: their keys are checked inline (not through Depends) and HotRoutes
-    # calls them past FastAPI's routing; they stay registered with FastAPI (below) for the
-    # OpenAPI document.
+    # The serving (POST) routes: their keys are checked inline (not through Depends) and
+    # HotRoutes calls them past FastAPI's routing; they stay registered with FastAPI (below) for
+    # the OpenAPI document.
     async def generate(request: Request) -> Any:
         check_key(request, st)
         return await handle_generate(request, st)
@@ -118,8 +118,24 @@ def create_app(
         check_key(request, st)
         return await openai_images.images_generations(request, st)
 
+    async def images_edits(request: Request) -> Any:
+        """Zero-shot editing (inpaint, superres, variation): OpenAI's multipart shape (`image`,
+        `mask` files) or JSON with base64 PNGs."""
+        check_key(request, st)
+        return await edits.images_edits(request, st)
+
+    async def images_interpolations(request: Request) -> Any:
+        """Frames between two seeds' images (slerp of their noises), both ends included."""
+        check_key(request, st)
+        return await edits.images_interpolations(request, st)
+
     # added first, so the innermost of the app's middleware: EdgeMiddleware and CORS wrap it
-    hot = {"/v1/generate": generate, "/v1/images/generations": images_generations}
+    hot = {
+        "/v1/generate": generate,
+        "/v1/images/generations": images_generations,
+        "/v1/images/edits": images_edits,
+        "/v1/images/interpolations": images_interpolations,
+    }
     app.add_middleware(HotRoutes, routes=hot)
     app.add_middleware(
         EdgeMiddleware,
@@ -231,7 +247,7 @@ def create_app(
         },
     )(images_generations)
 
-    @app.post(
+    app.post(
         "/v1/images/edits",
         openapi_extra={
             "requestBody": {
@@ -242,14 +258,8 @@ def create_app(
                 },
             }
         },
-    )
-    async def images_edits(request: Request) -> Any:
-        """Zero-shot editing (inpaint, superres, variation): OpenAI's multipart shape (`image`,
-        `mask` files) or JSON with base64 PNGs."""
-        check_key(request, st)
-        return await edits.images_edits(request, st)
-
-    @app.post(
+    )(images_edits)
+    app.post(
         "/v1/images/interpolations",
         openapi_extra={
             "requestBody": {
@@ -259,11 +269,7 @@ def create_app(
                 },
             }
         },
-    )
-    async def images_interpolations(request: Request) -> Any:
-        """Frames between two seeds' images (slerp of their noises), both ends included."""
-        check_key(request, st)
-        return await edits.images_interpolations(request, st)
+    )(images_interpolations)
 
     base_openapi = app.openapi
 

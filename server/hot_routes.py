@@ -1,10 +1,10 @@
-"""The serving routes taken straight to their handler, past FastAPI's own layers.
+"""The serving (POST) routes taken straight to their handler, past FastAPI's own layers.
 
 Per request FastAPI's stack (exception middleware, exit stack, route matching against every
 route, dependency solving, which parses the query string and cookies whatever the endpoint
 asks for) took about 40 % of a generate request's CPU (docs/performance.md, "Front-end
 processes and the cost of a request"). A front end's CPU is what caps the served rate on a
-GPU, so the POST routes that carry the load skip it: this layer sits inside
+GPU, so the POST routes, which carry the load, skip it: this layer sits inside
 `EdgeMiddleware` (request id, body limit, metrics and access log still apply; CORS outside it
 too) and calls the same handler the FastAPI route is registered with. What the handlers raise
 is answered as FastAPI would: `ApiError` by its own response, anything else propagates to the

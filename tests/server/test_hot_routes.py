@@ -3,12 +3,16 @@ does: the same app is driven with and without it, request by request."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from server import generate as generate_mod
 from server.hot_routes import HotRoutes
@@ -17,6 +21,33 @@ from tests.server.helpers import app_client
 
 KEY = {"authorization": "Bearer k1"}
 JSON = {"content-type": "application/json", **KEY}
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+DIGIT = _png((np.arange(28 * 28).reshape(28, 28) * 7 % 256).astype(np.uint8))
+_mask = np.full((28, 28, 4), 255, np.uint8)
+_mask[:14, :, 3] = 0
+MASK = _png(_mask)
+
+
+def _multipart(files: dict[str, bytes], data: dict[str, str]) -> tuple[dict[str, str], bytes]:
+    req = httpx.Request(
+        "POST", "http://x", files={k: (f"{k}.png", v, "image/png") for k, v in files.items()}, data=data
+    )
+    return {"content-type": req.headers["content-type"], **KEY}, req.read()
+
+
+def _edit_json(**fields: object) -> bytes:
+    body = {"image": base64.b64encode(DIGIT).decode(), "mask": base64.b64encode(MASK).decode(), **fields}
+    return json.dumps(body).encode()
+
+
+EDIT_FORM = _multipart({"image": DIGIT, "mask": MASK}, {"n": "2", "seed": "4", "steps": "2"})
 
 # (method, path, headers, body): successes, every kind of refusal the handlers raise, and what
 # the short path must leave to FastAPI (other methods, other paths)
@@ -31,13 +62,22 @@ CASES: list[tuple[str, str, dict[str, str], bytes]] = [
     ("POST", "/v1/generate", JSON, b'{"n": 0, "steps": 9, "colour": 1}'),
     ("POST", "/v1/generate", JSON, b'{"model": "nope"}'),
     ("POST", "/v1/generate", {**JSON, "x-request-timeout": "soon"}, b"{}"),
-    ("POST", "/v1/generate", JSON, b'{"pad": "' + b"x" * 5000 + b'"}'),
+    ("POST", "/v1/generate", JSON, b'{"pad": "' + b"x" * 9000 + b'"}'),
     ("GET", "/v1/generate", KEY, b""),
     ("POST", "/v1/generate/", JSON, b"{}"),
     ("POST", "/v1/images/generations", JSON, b'{"prompt": "seven", "seed": 5}'),
     ("POST", "/v1/images/generations", JSON, b'{"prompt": "a giraffe"}'),
     ("POST", "/v1/images/generations", JSON, b'{"prompt": "3", "response_format": "url"}'),
     ("PUT", "/v1/images/generations", JSON, b"{}"),
+    ("POST", "/v1/images/edits", *EDIT_FORM),
+    ("POST", "/v1/images/edits", EDIT_FORM[0], EDIT_FORM[1][:-40]),
+    ("POST", "/v1/images/edits", *_multipart({"image": DIGIT, "photo": MASK}, {})),
+    ("POST", "/v1/images/edits", JSON, _edit_json(seed=3, n=2)),
+    ("POST", "/v1/images/edits", JSON, _edit_json(mode="sharpen")),
+    ("POST", "/v1/images/edits", JSON, b'{"image": "not a png"}'),
+    ("POST", "/v1/images/interpolations", JSON, b'{"seed": 1, "seed_b": 2, "frames": 3}'),
+    ("POST", "/v1/images/interpolations", JSON, b'{"seed": 1, "seed_b": 2, "frames": 99}'),
+    ("GET", "/v1/images/interpolations", KEY, b""),
     ("POST", "/v1/models", JSON, b"{}"),
 ]
 
@@ -46,7 +86,7 @@ VARYING = {"created", "timings_ms", "request_id"}  # differ between any two call
 
 def _settings(ckpt: Path) -> Settings:
     return Settings(
-        checkpoint=str(ckpt), buckets=[1, 2], max_batch_size=2, api_keys=["k1"], max_body_bytes=4096
+        checkpoint=str(ckpt), buckets=[1, 2], max_batch_size=2, api_keys=["k1"], max_body_bytes=8192
     )
 
 
@@ -82,7 +122,10 @@ async def test_short_path_answers_as_the_fastapi_route(tiny_ckpt: Path) -> None:
     hot, plain = answers
     for case, a, b in zip(CASES, hot, plain, strict=True):
         assert a == b, (case[:2], case[3][:60], a[:2], b[:2])
-    # the cases cover successes and refusals of both routes, and requests left to FastAPI
+    # the cases cover successes and refusals of every POST route, and requests left to FastAPI
+    for path in ("/v1/generate", "/v1/images/generations", "/v1/images/edits", "/v1/images/interpolations"):
+        got = {a[0] for case, a in zip(CASES, hot, strict=True) if case[:2] == ("POST", path)}
+        assert 200 in got and any(400 <= c < 500 for c in got), (path, got)
     codes = {a[0] for a in hot}
     assert {200, 400, 401, 404, 405, 406, 413, 415, 422} <= codes, codes
 
