@@ -3,9 +3,8 @@ matmul's epilogue (CUBLASLT_EPILOGUE_GELU_BIAS, through `torch._addmm_activation
 accumulator before the one rounding to the output dtype.
 
 Why: the DiT's MLP widens to 4·D, so an unfused GELU reads and writes the widest activation of
-the block ([B·N, 4·D]) once more — for DiT-B/2 at batch 256 about 0.8 GB per block per step in
-bf16, a memory pass as long as a good part of the block's matmuls. The epilogue is cuBLASLt's
-own; there is no Triton kernel here.
+the block ([B·N, 4·D]) once more: for DiT-B/2 at batch 256 in bf16, 0.8 GB per block per step
+of pure memory traffic. The epilogue is cuBLASLt's own; there is no Triton kernel here.
 
 CUDA only: torch's CPU `_addmm_activation` applies the exact (erf) GELU, not the tanh form the
 DiT was trained with, so elsewhere this is the reference's two ops.
