@@ -2,8 +2,8 @@
 
 Per request FastAPI's stack (exception middleware, exit stack, route matching against every
 route, dependency solving, which parses the query string and cookies whatever the endpoint
-asks for) took about 40 % of a generate request's CPU (docs/performance.md, "Front-end
-processes and the cost of a request"). A front end's CPU is what caps the served rate on a
+asks for) was a large share of a generate request's CPU (measured in docs/performance.md,
+"Front-end processes and the cost of a request"). A front end's CPU is what caps the served rate on a
 GPU, so the POST routes, which carry the load, skip it: this layer sits inside
 `EdgeMiddleware` (request id, body limit, metrics and access log still apply; CORS outside it
 too) and calls the same handler the FastAPI route is registered with. What the handlers raise
