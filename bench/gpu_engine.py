@@ -81,20 +81,35 @@ def host_breakdown(g: Any, steps: int, batch: int) -> dict[str, Any]:
     labels: list[int | None] = [i % 10 for i in range(batch)]
     seeds = list(range(batch))
     y = torch.tensor(labels, dtype=torch.long)
-    noise = g.call(g.make_noise, steps, seeds)
-    x = g.call(g.runner.run, steps, noise, y)
+    x = g.call(g.runner.run, steps, g.call(g.make_noise, steps, seeds), y)
 
-    def ms(fn: Any) -> float:
-        return round(g.call(wall_median, fn, g.device, 0.2) * 1e3, 3)
+    def ms(fn: Any, threads: int = 0) -> float:
+        def timed() -> float:  # on the compute thread: intra-op threads are set per thread
+            before = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                return wall_median(fn, g.device, 0.2)
+            finally:
+                torch.set_num_threads(before)
 
+        return round(g.call(timed) * 1e3, 3)
+
+    noise = functools.partial(g.make_noise, steps, seeds)
+    served = functools.partial(g.run_batch, steps, labels, seeds)
     return {
         "steps": steps,
         "batch": batch,
-        "noise_ms": ms(functools.partial(g.make_noise, steps, seeds)),
-        "pin_ms": ms(noise.pin_memory) if g.device.type == "cuda" else None,
-        "runner_ms": ms(functools.partial(g.runner.run, steps, noise, y)),
+        "noise_ms": ms(noise),
+        "pin_ms": ms(noise().pin_memory) if g.device.type == "cuda" else None,
+        "runner_ms": ms(functools.partial(g.runner.run, steps, noise(), y)),
         "finite_uint8_ms": ms(lambda: (bool(torch.isfinite(x).all()), g.card.to_uint8(x))),
-        "served_ms": ms(functools.partial(g.run_batch, steps, labels, seeds)),
+        "served_ms": ms(served),
+        # the host's small ops with one intra-op thread instead of torch's default (one per core):
+        # whether `--torch-threads 1` should be the default beside a GPU
+        "torch_threads": g.call(torch.get_num_threads),
+        "noise_1_thread_ms": ms(noise, threads=1),
+        "served_1_thread_ms": ms(served, threads=1),
     }
 
 

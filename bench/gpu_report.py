@@ -58,8 +58,9 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                 r.get("per_bucket", []), ["steps", "batch", "served_ms", "replay_ms", "images_per_s"]
             )
             lines.append("")
-            lines += _table(r.get("host_breakdown", []), ["steps", "batch", "noise_ms", "pin_ms", "runner_ms",
-                                                          "finite_uint8_ms", "served_ms"])  # fmt: skip
+            host_cols = ["steps", "batch", "noise_ms", "pin_ms", "runner_ms", "finite_uint8_ms", "served_ms",
+                         "torch_threads", "noise_1_thread_ms", "served_1_thread_ms"]  # fmt: skip
+            lines += _table(r.get("host_breakdown", []), host_cols)
         for r in res.get("teacher", []):
             lines.append(f"\n### teacher {r['dtype']}: capture {r.get('capture_s')} s, replay ms per bucket "
                          f"{r.get('replay_ms')} {r.get('error', '')}")  # fmt: skip

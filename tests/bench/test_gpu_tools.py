@@ -164,9 +164,23 @@ def test_host_breakdown_times_each_piece_of_a_served_batch(tiny_ckpt: Path) -> N
     finally:
         g.close()
     assert (row["steps"], row["batch"], row["pin_ms"]) == (2, 4, None)  # nothing to pin off the GPU
-    assert all(row[k] > 0 for k in ("noise_ms", "runner_ms", "finite_uint8_ms", "served_ms"))
+    assert all(
+        row[k] > 0
+        for k in (
+            "noise_ms",
+            "runner_ms",
+            "finite_uint8_ms",
+            "served_ms",
+            "noise_1_thread_ms",
+            "served_1_thread_ms",
+        )
+    )
+    assert row["torch_threads"] == torch.get_num_threads()  # restored after the one-thread timings
     report = {"device": "cpu", "parts": {"engine": {"rc": 0, "result": {"consistency": [
         {"dtype": "float32", "per_bucket": [], "vs_reference": [], "host_breakdown": [row]}]}}}}  # fmt: skip
     md = markdown(report)
-    assert "| steps | batch | noise_ms | pin_ms | runner_ms | finite_uint8_ms | served_ms |" in md
+    assert (
+        "| steps | batch | noise_ms | pin_ms | runner_ms | finite_uint8_ms | served_ms | torch_threads |"
+        in md
+    )
     assert "\n| 2 | 4 | " in md
