@@ -17,7 +17,7 @@ from bench.peers import stub_run_batch
 from server import app as app_mod
 from server import engine as engine_mod
 from server.cli import main
-from server.hot_routes import HotRoutes
+from server.hot_routes import without_hot_routes
 
 engine_mod.Engine.run_batch = stub_run_batch  # type: ignore[method-assign]
 FASTAPI_ROUTES = "--fastapi-routes"
@@ -26,7 +26,7 @@ _create_app = app_mod.create_app
 
 def _create_app_without_hot_routes(*args: Any, **kwargs: Any) -> Any:
     app = _create_app(*args, **kwargs)
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not HotRoutes]
+    without_hot_routes(app)
     return app
 
 

@@ -29,7 +29,7 @@ from server.errors import EdgeMiddleware, error_response, request_id_of, validat
 from server.fairness import RateLimiter
 from server.frontends import FrontendPool
 from server.generate import generate as handle_generate
-from server.hot_routes import HotRoutes
+from server.hot_routes import Handler, HotRoutes
 from server.metrics import Metrics
 from server.ops_listener import OpsServer
 from server.schemas import (
@@ -108,27 +108,19 @@ def create_app(
 
     # The serving (POST) routes: their keys are checked inline (not through Depends) and
     # HotRoutes calls them past FastAPI's routing; they stay registered with FastAPI (below) for
-    # the OpenAPI document.
-    async def generate(request: Request) -> Any:
-        check_key(request, st)
-        return await handle_generate(request, st)
+    # the OpenAPI document, under the handler's name and docstring.
+    def serving(handler: Callable[[Request, ServerState], Awaitable[Any]]) -> Handler:
+        async def route(request: Request) -> Any:
+            check_key(request, st)
+            return await handler(request, st)
 
-    async def images_generations(request: Request) -> Any:
-        """The OpenAI Images API: the prompt names the class; cmserve's fields ride along."""
-        check_key(request, st)
-        return await openai_images.images_generations(request, st)
+        route.__name__, route.__doc__ = handler.__name__, handler.__doc__
+        return route
 
-    async def images_edits(request: Request) -> Any:
-        """Zero-shot editing (inpaint, superres, variation): OpenAI's multipart shape (`image`,
-        `mask` files) or JSON with base64 PNGs."""
-        check_key(request, st)
-        return await edits.images_edits(request, st)
-
-    async def images_interpolations(request: Request) -> Any:
-        """Frames between two seeds' images (slerp of their noises), both ends included."""
-        check_key(request, st)
-        return await edits.images_interpolations(request, st)
-
+    generate = serving(handle_generate)
+    images_generations = serving(openai_images.images_generations)
+    images_edits = serving(edits.images_edits)
+    images_interpolations = serving(edits.images_interpolations)
     # added first, so the innermost of the app's middleware: EdgeMiddleware and CORS wrap it
     hot = {
         "/v1/generate": generate,

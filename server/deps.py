@@ -108,8 +108,7 @@ def readiness(st: ServerState) -> tuple[int, str]:
 
 
 def check_key(request: Request, st: ServerState) -> None:
-    keys = st.settings.api_keys
-    if keys and not key_ok(request.headers.get("authorization", ""), keys):
+    if not key_ok(request.headers.get("authorization", ""), st.settings.api_keys):
         raise ApiError(
             401, "missing or invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )

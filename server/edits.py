@@ -261,6 +261,8 @@ def pixel_model(engine: Any, name: str | None) -> None:
 
 
 async def images_edits(request: Request, st: ServerState) -> Any:
+    """Zero-shot editing (inpaint, superres, variation): OpenAI's multipart shape (`image`,
+    `mask` files) or JSON with base64 PNGs."""
     t_arrive = time.monotonic()
     engine = ready_engine(st)
     fields, image, mask = await read_edit(request)
@@ -283,6 +285,7 @@ async def images_edits(request: Request, st: ServerState) -> Any:
 
 
 async def images_interpolations(request: Request, st: ServerState) -> Any:
+    """Frames between two seeds' images (slerp of their noises), both ends included."""
     t_arrive = time.monotonic()
     engine = ready_engine(st)
     ireq = parse_body(InterpolationRequest, await read_json(request))

@@ -100,6 +100,7 @@ def resolve_class(prompt: str, class_names: tuple[str, ...]) -> int:
 
 
 async def images_generations(request: Request, st: ServerState) -> Any:
+    """The OpenAI Images API: the prompt names the class; cmserve's fields ride along."""
     t_arrive = time.monotonic()
     engine = ready_engine(st)
     obj = await read_json(request)

@@ -4,35 +4,26 @@ does: the same app is driven with and without it, request by request."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from server import generate as generate_mod
-from server.hot_routes import HotRoutes
+from server.hot_routes import without_hot_routes
 from server.settings import Settings
 from tests.server.helpers import app_client
+from tests.server.test_edits import DIGIT as DIGIT_PIXELS
+from tests.server.test_edits import MASK as MASK_PIXELS
+from tests.server.test_edits import png
 
 KEY = {"authorization": "Bearer k1"}
 JSON = {"content-type": "application/json", **KEY}
 
 
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-DIGIT = _png((np.arange(28 * 28).reshape(28, 28) * 7 % 256).astype(np.uint8))
-_mask = np.full((28, 28, 4), 255, np.uint8)
-_mask[:14, :, 3] = 0
-MASK = _png(_mask)
+DIGIT, MASK = png(DIGIT_PIXELS), png(MASK_PIXELS)
 
 
 def _multipart(files: dict[str, bytes], data: dict[str, str]) -> tuple[dict[str, str], bytes]:
@@ -90,10 +81,6 @@ def _settings(ckpt: Path) -> Settings:
     )
 
 
-def _without_hot_routes(app: Any) -> None:
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not HotRoutes]
-
-
 def _strip(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in obj.items() if k not in VARYING}
@@ -115,7 +102,7 @@ async def _answer(
 
 async def test_short_path_answers_as_the_fastapi_route(tiny_ckpt: Path) -> None:
     answers: list[list[tuple[int, dict[str, str], Any]]] = []
-    for configure in (None, _without_hot_routes):
+    for configure in (None, without_hot_routes):
         async with app_client(_settings(tiny_ckpt), configure=configure) as (c, app):
             answers.append([await _answer(c, *case) for case in CASES])
             assert app.state.cm.batcher.batches_run > 0
@@ -155,7 +142,7 @@ async def test_unexpected_error_is_a_logged_500_either_way(
         raise RuntimeError("validator bug")
 
     monkeypatch.setattr(generate_mod, "validate", broken)
-    configure = None if hot else _without_hot_routes
+    configure = None if hot else without_hot_routes
     async with app_client(_settings(tiny_ckpt), configure=configure, raise_app_exceptions=False) as (c, app):
         r = await c.post("/v1/generate", json={"seed": 1}, headers={**KEY, "x-request-id": "req-42"})
         assert r.status_code == 500
