@@ -89,7 +89,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--peers",
         default="litserve,plain",
         help="servers to run beside cmserve: litserve, plain (a bare FastAPI route), fastapi_routes "
-        "(cmserve without its short path for the generate routes)",
+        "(cmserve without its short path for the generate routes), default_gc (cmserve with CPython's "
+        "default garbage collector settings)",
     )
     f.add_argument("--frontends", default="1,2", help="cmserve's front-end process counts to run")
     f.add_argument("--clients", type=int, default=1, help="load-generating processes")

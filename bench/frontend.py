@@ -46,6 +46,10 @@ def group_cpu_s(pgid: int) -> tuple[float, float]:
     return total / TICK, leader / TICK
 
 
+# what runs only when --peers names it
+PEERS = ("fastapi_routes", "default_gc", "litserve", "plain")
+
+
 def cmserve_name(frontends: int) -> str:
     return "cmserve" if frontends == 1 else f"cmserve_{frontends}fe"
 
@@ -59,8 +63,10 @@ def specs(checkpoint: str, frontends: list[int]) -> dict[str, tuple[list[str], s
         cmserve_name(k): ([py, "-m", "bench.stub_serve", *flags, "--frontends", str(k)], "/readyz")
         for k in frontends
     }
-    # cmserve itself without its short path for the generate routes (server/hot_routes.py)
+    # cmserve itself without its short path for the generate routes (server/hot_routes.py), and
+    # without its garbage collector settings (server/heap.py)
     out["fastapi_routes"] = ([py, "-m", "bench.stub_serve", *flags, "--fastapi-routes"], "/readyz")
+    out["default_gc"] = ([py, "-m", "bench.stub_serve", *flags, "--default-gc"], "/readyz")
     out["litserve"] = ([py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint], "/health")
     out["plain"] = ([py, "-m", "bench.peers", "plain", "--checkpoint", checkpoint], "/readyz")
     return out
@@ -118,7 +124,7 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "duration_s": duration, "servers": {}}
     frontends = [int(k) for k in args.frontends.split(",")]
     for name, (cmd, ready) in specs(ckpt, frontends).items():
-        if name in ("fastapi_routes", "litserve", "plain") and name not in args.peers.split(","):
+        if name in PEERS and name not in args.peers.split(","):
             continue
         proc = Proc(cmd, ready, tmp / f"{name}.log")
         try:

@@ -79,7 +79,7 @@ def _check_ports_free(s: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from models.checkpoint import CheckpointError
-    from server import logs
+    from server import heap, logs
     from server.app import DrainingServer, create_app, uvicorn_config
     from server.engine import Engine
     from server.metrics import Metrics
@@ -100,6 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         s.port = reserved.getsockname()[1]
         sockets = []
     app = create_app(s, engine, metrics)
+    heap.settle()  # the loaded model and libraries out of the collector's way
     DrainingServer(uvicorn_config(app, s), app.state.cm).run(sockets=sockets)
 
 

@@ -310,11 +310,12 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 def run_frontend(settings: Any, path: str, index: int) -> None:
     """Entry point of a front-end process (spawned by the engine process's FrontendPool)."""
-    from server import logs
+    from server import heap, logs
     from server.app import DrainingServer, create_app, uvicorn_config
 
     logs.configure(settings.log_level, settings.log_format)
     s = settings.model_copy(update={"frontends": 1, "ops_port": 0})  # the keys file's keys kept
     app = create_app(s, starter=lambda st: connect(st, path, index))
     sock = reuseport_socket(s.host, s.port)
+    heap.settle()
     DrainingServer(uvicorn_config(app, s), app.state.cm).run(sockets=[sock])
