@@ -10,11 +10,18 @@ import numpy as np
 import torch
 
 
+def quantize(x: torch.Tensor, value_range: tuple[float, float] = (-0.5, 0.5)) -> torch.Tensor:
+    """x: [B, C, H, W] fp32 with values in `value_range` -> uint8 [B, H, W, C] (rounded,
+    clipped; a permuted view) on x's device: the runner quantizes on the GPU, so a quarter of
+    the bytes cross to the host and the host runs none of these ops."""
+    lo, hi = value_range
+    y = (((x - lo) / (hi - lo)).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+    return y.permute(0, 2, 3, 1)
+
+
 def to_uint8(x: torch.Tensor, value_range: tuple[float, float] = (-0.5, 0.5)) -> np.ndarray:
     """x: [B, C, H, W] with values in `value_range` -> uint8 [B, H, W, C] (rounded, clipped)."""
-    lo, hi = value_range
-    y = (((x.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
-    return y.permute(0, 2, 3, 1).numpy()
+    return quantize(x.detach().float().cpu(), value_range).numpy()
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

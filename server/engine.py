@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from models.editing import RowEdit, batch_constraint, slerp
+from models.editing import Constraint, RowEdit, batch_constraint, slerp
 from models.interface import ConsistencyModel, ModelInfo
 from models.load import load_model
 from models.placeholder import build_placeholder
@@ -357,12 +357,7 @@ class Engine:
     ) -> torch.Tensor:
         """-> x0 [B, C, H, W] fp32 in the model's data range (`value_range`). edits: one entry per
         image, None for plain generation (models/editing.py)."""
-        m = self.get(model)
-        pad = m.card.pad_label
-        y = torch.tensor([pad if lab is None else lab for lab in labels], dtype=torch.long)
-        noise = self.make_noise(steps, seeds, model, edits)
-        constraint, times = batch_constraint(m.card, steps, edits) if edits else (None, None)
-        return m.runner.run(steps, noise, y, constraint, times)
+        return self.get(model).runner.run(steps, *self._inputs(steps, labels, seeds, model, edits))
 
     def run_batch(
         self,
@@ -372,10 +367,27 @@ class Engine:
         model: str | None = None,
         edits: list[RowEdit | None] | None = None,
     ) -> np.ndarray:
-        x = self.sample(steps, labels, seeds, model, edits)
-        if not torch.isfinite(x).all():
+        """A served batch, as `sample` draws it: -> uint8 [B, H, W, C], quantized on the device."""
+        runner = self.get(model).runner
+        images, finite = runner.run_images(steps, *self._inputs(steps, labels, seeds, model, edits))
+        if not finite.all():
             raise NonFiniteOutput("sampler output holds non-finite values")
-        return self.get(model).card.to_uint8(x)
+        return images
+
+    def _inputs(
+        self,
+        steps: int,
+        labels: list[int | None],
+        seeds: list[int],
+        model: str | None,
+        edits: list[RowEdit | None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Constraint | None, torch.Tensor | None]:
+        """The runner's inputs for a batch: (noise, labels, edit constraint, row times)."""
+        card = self.get(model).card
+        y = torch.tensor([card.pad_label if lab is None else lab for lab in labels], dtype=torch.long)
+        noise = self.make_noise(steps, seeds, model, edits)
+        constraint, times = batch_constraint(card, steps, edits) if edits else (None, None)
+        return noise, y, constraint, times
 
     def score(self, model: str, images: np.ndarray, labels: list[int | None]) -> np.ndarray | None:
         """The accept check of `model` over a batch of its served images (uint8 [B, H, W, C]);

@@ -1,23 +1,26 @@
 """Bucketed sampler runner: static buffers per (bucket, steps), padded batches, graph replay.
 
 Per (bucket, steps) the runner owns static buffers — noise for every step [S, b, C, H, W],
-labels [b], times [S] and the output [b, C, H, W] — and a zero-argument function that samples
-from them into the output. On CUDA with backend 'graph' that function is captured into a CUDA
-graph and replayed; elsewhere it runs eagerly. Padding, chunking and buffer copies are the same
-code either way, so the CPU tests exercise exactly what the GPU runs.
+labels [b], times [S], the output [b, C, H, W] and its served form (uint8 pixels, per-row
+finiteness) — and a zero-argument function that samples from them into the output. On CUDA
+with backend 'graph' that function is captured into a CUDA graph and replayed; elsewhere it
+runs eagerly. Padding, chunking and buffer copies are the same code either way, so the CPU
+tests exercise exactly what the GPU runs.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from models.editing import Constraint
+from models.grid import quantize
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_sample, ode_sample
 from server.metrics import Metrics
@@ -73,6 +76,8 @@ class Slot:
     labels: torch.Tensor  # [bucket] int64
     times: torch.Tensor  # [S, bucket] per row (consistency) or [steps + 1] (ODE) fp32
     out: torch.Tensor  # [bucket, C, H, W] fp32
+    images: torch.Tensor  # [bucket, H, W, C] uint8: out quantized
+    finite: torch.Tensor  # [bucket] bool: every value of the row's out is finite
     fn: Callable[[], None]
     edit: Constraint | None = None  # per-row edit buffers (consistency models)
     graph: Any = None
@@ -133,6 +138,10 @@ class SamplerRunner:
         labels = torch.full((bucket,), self.pad_label, dtype=torch.long, device=dev)
         times = torch.tensor(self.card.schedules[steps], dtype=torch.float32, device=dev)
         out = torch.zeros((bucket, *self.image_shape), device=dev)
+        c, h, w = self.image_shape
+        images = torch.zeros((bucket, h, w, c), dtype=torch.uint8, device=dev)
+        finite = torch.zeros((bucket,), dtype=torch.bool, device=dev)
+        value_range = self.card.value_range
         model = self.model
         edit = None
 
@@ -154,8 +163,12 @@ class SamplerRunner:
         @torch.inference_mode()
         def fn() -> None:
             out.copy_(sample())
+            # the served form, made where the output is (in the graph on a GPU): the host then
+            # copies a quarter of the bytes and runs no elementwise op of its own
+            images.copy_(quantize(out, value_range))
+            finite.copy_(torch.isfinite(out).flatten(1).all(1))
 
-        return Slot(bucket, steps, noise, labels, times, out, fn, edit)
+        return Slot(bucket, steps, noise, labels, times, out, images, finite, fn, edit)
 
     def warmup(self, steps_list: list[int]) -> None:
         """Build every slot, run each once, and on CUDA capture it (largest bucket first)."""
@@ -229,14 +242,47 @@ class SamplerRunner:
     ) -> torch.Tensor:
         """noise: [S, B, C, H, W] fp32 (CPU); labels: [B] int64 -> x0: [B, C, H, W] fp32 on the CPU.
         edit: the rows' constraints (CPU, [B, ...]); times: [S, B] the rows' own times; both
-        None for plain sampling.
+        None for plain sampling."""
+        out = torch.empty((labels.shape[0], *self.image_shape), dtype=torch.float32)
+        for slot, start, n in self._chunks(steps, noise, labels, edit, times):
+            out[start : start + n].copy_(slot.out[:n])  # device -> host; synchronizes
+        return out
+
+    def run_images(
+        self,
+        steps: int,
+        noise: torch.Tensor,
+        labels: torch.Tensor,
+        edit: Constraint | None = None,
+        times: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What a served batch needs, as `run` takes it: -> (uint8 [B, H, W, C], bool [B]: the
+        row's output was finite everywhere), quantized on the device."""
+        c, h, w = self.image_shape
+        B = labels.shape[0]
+        images = torch.empty((B, h, w, c), dtype=torch.uint8)
+        finite = torch.empty((B,), dtype=torch.bool)
+        for slot, start, n in self._chunks(steps, noise, labels, edit, times):
+            images[start : start + n].copy_(slot.images[:n])  # device -> host; synchronizes
+            finite[start : start + n].copy_(slot.finite[:n])
+        return images.numpy(), finite.numpy()
+
+    def _chunks(
+        self,
+        steps: int,
+        noise: torch.Tensor,
+        labels: torch.Tensor,
+        edit: Constraint | None,
+        times: torch.Tensor | None,
+    ) -> Iterator[tuple[Slot, int, int]]:
+        """Load and run each chunk of rows; -> (its slot, first row, rows) once it has run, for
+        the caller to copy out before the next chunk reuses the slot.
 
         Rows run in chunks of at most the largest bucket, each padded up to its bucket; padding
         rows get `pad_label` and whatever noise (and edit data) the buffers held (rows are
         independent).
         """
         B = labels.shape[0]
-        out = torch.empty((B, *self.image_shape), dtype=torch.float32)
         if self.device.type == "cuda":
             # page-locked for the async copies; pin_memory() draws on torch's caching host
             # allocator, so this costs a copy, not an allocation. (Slot-owned pinned staging
@@ -256,7 +302,6 @@ class SamplerRunner:
             else:
                 self._load_edits(slot, start, n, edit, times)
             self._execute(slot)
-            out[start : start + n].copy_(slot.out[:n])  # device -> host; synchronizes
             self.metrics.padded_rows.labels(self.card.name).inc(slot.bucket - n)
             self.metrics.computed_rows.labels(self.card.name).inc(slot.bucket)
-        return out
+            yield slot, start, n

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from models.editing import Constraint
+from models.grid import quantize
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_step, ode_step
 from server.metrics import Metrics
@@ -200,8 +201,9 @@ class StepRunner:
             if self.decode is not None:  # eager, over the rows that finished: k varies per call
                 with torch.inference_mode():
                     x = self.decode(x)
-            x = x.float().cpu()
-            images, finite = self.card.to_uint8(x), torch.isfinite(x).flatten(1).all(1).tolist()
+            x = x.float()  # quantized where it is (the request path's runner does the same)
+            images = quantize(x, self.card.value_range).cpu().numpy()
+            finite = torch.isfinite(x).flatten(1).all(1).tolist()
             finished = [Finished(r.key, images[k], finite[k]) for k, r in enumerate(done)]
         for r in self.rows:
             r.i += 1

@@ -15,7 +15,7 @@ import time
 from server import engine as engine_mod
 from server.cli import main
 
-_orig_run, _orig_sample = engine_mod.Engine.run_batch, engine_mod.Engine.sample
+_orig_run, _orig_noise = engine_mod.Engine.run_batch, engine_mod.Engine.make_noise
 _slow_s = float(os.environ.get("FAULT_SLOW_MS", "0")) / 1000.0
 
 
@@ -27,11 +27,11 @@ def faulty_run_batch(self, steps, labels, seeds, model=None, edits=None):  # typ
     return _orig_run(self, steps, labels, seeds, model, edits)
 
 
-def faulty_sample(self, steps, labels, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
-    x = _orig_sample(self, steps, labels, seeds, model, edits)
+def faulty_noise(self, steps, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
+    z = _orig_noise(self, steps, seeds, model, edits)
     if 777 in seeds:
-        x[0].fill_(float("nan"))  # the engine's non-finite check must catch it
-    return x
+        z[:, seeds.index(777)].fill_(float("nan"))  # a NaN image: the non-finite check must catch it
+    return z
 
 
 _orig_step = engine_mod.Engine.step
@@ -53,7 +53,7 @@ def faulty_step(self, model, joining, drop):  # type: ignore[no-untyped-def]
 
 engine_mod.Engine.run_batch = faulty_run_batch  # type: ignore[method-assign]
 engine_mod.Engine.step = faulty_step  # type: ignore[method-assign]
-engine_mod.Engine.sample = faulty_sample  # type: ignore[method-assign]
+engine_mod.Engine.make_noise = faulty_noise  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     main(["serve", *sys.argv[1:]])

@@ -200,21 +200,22 @@ async def test_readiness_waits_for_warmup(tiny_ckpt: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("fault", ["raise", "nan"])
 async def test_a_failing_batch_gets_500_and_the_next_one_works(tiny_ckpt: Path, fault: str) -> None:
     async with app_client(_settings(tiny_ckpt)) as (c, app):
-        # faults injected by wrapping the engine's sampler (run_batch calls self.sample): the
-        # first batch raises or comes back with a NaN, the next is served as usual
+        # faults injected by wrapping the engine's noise (run_batch draws it through
+        # self.make_noise): the first batch raises, or samples from a NaN and so comes back
+        # non-finite from the device-side check; the next is served as usual
         engine = app.state.cm.engine
-        sample, calls = engine.sample, {"n": 0}
+        make_noise, calls = engine.make_noise, {"n": 0}
 
-        def faulty(steps, labels, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
+        def faulty(steps, seeds, model=None, edits=None):  # type: ignore[no-untyped-def]
             calls["n"] += 1
             if calls["n"] == 1 and fault == "raise":
                 raise RuntimeError("secret internal detail")
-            x = sample(steps, labels, seeds, model, edits)
+            z = make_noise(steps, seeds, model, edits)
             if calls["n"] == 1:
-                x[0].fill_(float("nan"))
-            return x
+                z[:, 0].fill_(float("nan"))
+            return z
 
-        engine.sample = faulty
+        engine.make_noise = faulty
         r = await c.post("/v1/generate", json={"seed": 1}, headers={"x-request-id": "req-123"})
         assert r.status_code == 500
         assert r.headers["x-request-id"] == "req-123" and r.json()["request_id"] == "req-123"
@@ -249,13 +250,13 @@ async def test_load_warmup_and_batches_share_one_compute_thread(
     monkeypatch.setattr(SamplerRunner, "warmup", warm)
     async with app_client(_settings(tiny_ckpt)) as (c, app):
         engine = app.state.cm.engine
-        sample = engine.sample
+        make_noise = engine.make_noise  # run_batch draws its noise through it
 
         def recorded(*args):  # type: ignore[no-untyped-def]
             seen["batch"].add(threading.get_ident())
-            return sample(*args)
+            return make_noise(*args)
 
-        engine.sample = recorded
+        engine.make_noise = recorded
         rs = await asyncio.gather(*(c.post("/v1/generate", json={"seed": i}) for i in range(6)))
         assert all(r.status_code == 200 for r in rs)
     threads = seen["load"] | seen["warmup"] | seen["batch"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,6 +41,24 @@ def test_padding_and_chunking(tiny_ckpt: Path, B: int, chunks: list[int], padded
     assert r.metrics.computed_rows.labels(name)._value.get() == sum(chunks)
     expect = consistency_sample(r.model, noise, labels, torch.tensor(r.card.schedules[2]))
     torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_served_images_are_the_output_quantized_with_each_rows_finiteness(tiny_ckpt: Path) -> None:
+    """run_images (a served batch: uint8 made beside the output, in the graph on a GPU) gives
+    exactly the pixels to_uint8 makes of run's output, over chunks and padding; a row sampled
+    from a NaN is flagged alone, and the slot's next batch is finite again."""
+    r = _runner(tiny_ckpt, [1, 4])
+    torch.manual_seed(0)
+    noise = torch.randn(2, 6, 1, 28, 28)  # chunks of 4 and 2 (padded to 4)
+    labels = torch.randint(0, 11, (6,))
+    images, finite = r.run_images(2, noise, labels)
+    assert images.dtype == np.uint8 and images.shape == (6, 28, 28, 1)
+    assert np.array_equal(images, r.card.to_uint8(r.run(2, noise, labels)))
+    assert finite.tolist() == [True] * 6
+    bad = noise.clone()
+    bad[:, 4].fill_(float("nan"))
+    assert r.run_images(2, bad, labels)[1].tolist() == [True] * 4 + [False, True]
+    assert r.run_images(2, noise, labels)[1].all()
 
 
 def test_bucket_for_picks_the_smallest_that_fits(tiny_ckpt: Path) -> None:
