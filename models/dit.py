@@ -61,7 +61,13 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """adaLN-Zero block: the conditioning sets shift/scale/gate of both sub-layers; gates start at 0."""
+    """adaLN-Zero block: the conditioning sets shift/scale/gate of both sub-layers; gates start at 0.
+
+    The block takes its input already normalized and hands on its output's residual together
+    with the next norm of it (the next block's, or the final layer's): each residual add runs
+    fused with the norm that follows it (`kernels.residual_adaln_norm`), one pass over the row
+    and one kernel fewer per block than a residual add here and a norm in the next block.
+    """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -74,14 +80,28 @@ class Block(nn.Module):
         )
         self.ada = nn.Linear(width, 6 * width)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x: [B, N, D]; c: [B, D] (already SiLU-activated)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)  # each [B, D]
-        a = self.attn(kernels.adaln_norm(x, shift1, scale1))
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """c: [B, D] (already SiLU-activated) -> (shift1, scale1, gate1, shift2, scale2, gate2),
+        each [B, D]."""
+        return self.ada(c).chunk(6, dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        mod: tuple[torch.Tensor, ...],
+        next_shift: torch.Tensor,
+        next_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, N, D] the residual stream; h: adaln_norm(x, shift1, scale1); mod: this block's
+        `modulation` -> (x after the block, its adaLN norm with next_shift/next_scale [B, D])."""
+        _, _, gate1, shift2, scale2, gate2 = mod
+        a = self.attn(h)
         # x + gate1·a and the MLP's adaLN norm of it, fused into one pass over the row
         x, h = kernels.residual_adaln_norm(x, gate1, a, shift2, scale2)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        return kernels.gated_residual(x, gate2, fc2(kernels.linear_gelu(h, fc1.weight, fc1.bias)))
+        m = fc2(kernels.linear_gelu(h, fc1.weight, fc1.bias))
+        return kernels.residual_adaln_norm(x, gate2, m, next_shift, next_scale)
 
 
 class DiT(nn.Module):
@@ -131,10 +151,14 @@ class DiT(nn.Module):
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.y_embed(y)
         c = F.silu(c)  # [B, D]
-        for blk in self.blocks:
-            h = blk(h, c)
-        shift, scale = self.final_ada(c).chunk(2, dim=-1)
-        h = self.out(kernels.adaln_norm(h, shift, scale))  # [B, N, p*p*C]
+        blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+        mods = [blk.modulation(c) for blk in blocks]
+        # the norm after each block is the next block's first (shift1, scale1), or the final one
+        norms = [m[:2] for m in mods[1:]] + [tuple(self.final_ada(c).chunk(2, dim=-1))]
+        x_res, h = h, kernels.adaln_norm(h, mods[0][0], mods[0][1])
+        for blk, mod, (shift, scale) in zip(blocks, mods, norms, strict=True):
+            x_res, h = blk(x_res, h, mod, shift, scale)
+        h = self.out(h)  # [B, N, p*p*C]
         g = H // p
         h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
         return h.reshape(B, C, H, W)
