@@ -90,7 +90,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default="litserve,plain",
         help="servers to run beside cmserve: litserve, plain (a bare FastAPI route), fastapi_routes "
         "(cmserve without its short path for the generate routes), default_gc (cmserve with CPython's "
-        "default garbage collector settings)",
+        "default garbage collector settings), h11 (cmserve with uvicorn's pure-Python HTTP parser)",
     )
     f.add_argument("--frontends", default="1,2", help="cmserve's front-end process counts to run")
     f.add_argument("--clients", type=int, default=1, help="load-generating processes")

@@ -47,7 +47,7 @@ def group_cpu_s(pgid: int) -> tuple[float, float]:
 
 
 # what runs only when --peers names it
-PEERS = ("fastapi_routes", "default_gc", "litserve", "plain")
+PEERS = ("fastapi_routes", "default_gc", "h11", "litserve", "plain")
 
 
 def cmserve_name(frontends: int) -> str:
@@ -63,10 +63,11 @@ def specs(checkpoint: str, frontends: list[int]) -> dict[str, tuple[list[str], s
         cmserve_name(k): ([py, "-m", "bench.stub_serve", *flags, "--frontends", str(k)], "/readyz")
         for k in frontends
     }
-    # cmserve itself without its short path for the generate routes (server/hot_routes.py), and
-    # without its garbage collector settings (server/heap.py)
-    out["fastapi_routes"] = ([py, "-m", "bench.stub_serve", *flags, "--fastapi-routes"], "/readyz")
-    out["default_gc"] = ([py, "-m", "bench.stub_serve", *flags, "--default-gc"], "/readyz")
+    # cmserve itself without its short path for the generate routes (server/hot_routes.py),
+    # without its garbage collector settings (server/heap.py), with the pure-Python HTTP parser
+    for name in ("fastapi_routes", "default_gc", "h11"):
+        flag = "--" + name.replace("_", "-")
+        out[name] = ([py, "-m", "bench.stub_serve", *flags, flag], "/readyz")
     out["litserve"] = ([py, "-m", "bench.peers", "litserve", "--checkpoint", checkpoint], "/health")
     out["plain"] = ([py, "-m", "bench.peers", "plain", "--checkpoint", checkpoint], "/readyz")
     return out

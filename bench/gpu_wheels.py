@@ -23,6 +23,7 @@ WHEELS = [
     "typing-inspection", "typing-extensions", "pydantic-settings", "python-dotenv", "uvicorn",
     "opentelemetry-api", "litserve", "pyzmq", "mlxtend", "diffusers", "importlib-metadata",
     "python-multipart", "fastapi-offline", "transformers", "tokenizers", "typer", "shellingham",
+    "httptools",
 ]  # fmt: skip
 PYTHON = "3.12"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",

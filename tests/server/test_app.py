@@ -409,3 +409,25 @@ async def test_client_gone_before_its_body_arrived_is_a_499_not_a_server_error(
     assert 'code="500"' not in body
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
     assert app.state.cm.batcher.batches_run == 0
+
+
+def test_every_process_serves_http_with_the_c_parser_and_libuv_loop(tiny_ckpt: Path) -> None:
+    """uvicorn's "auto" takes httptools and uvloop only when they are installed; they are
+    dependencies (pyproject), so the config every cmserve process runs resolves to them, not to
+    the pure-Python h11 parser and asyncio's loop (docs/performance.md: what h11 costs)."""
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from server.app import create_app, uvicorn_config
+
+    s = _settings(tiny_ckpt)
+    cfg = uvicorn_config(create_app(s), s)
+    cfg.load()
+    assert cfg.http_protocol_class is HttpToolsProtocol
+    factory = cfg.get_loop_factory()
+    assert factory is not None
+    loop = factory()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
