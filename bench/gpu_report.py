@@ -58,7 +58,7 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                 r.get("per_bucket", []), ["steps", "batch", "served_ms", "replay_ms", "images_per_s"]
             )
             lines.append("")
-            host_cols = ["steps", "batch", "noise_ms", "pin_ms", "runner_ms", "served_ms",
+            host_cols = ["steps", "batch", "noise_ms", "pin_ms", "runner_ms", "served_ms", "score_ms",
                          "torch_threads", "noise_1_thread_ms", "served_1_thread_ms"]  # fmt: skip
             lines += _table(r.get("host_breakdown", []), host_cols)
         for r in res.get("teacher", []):

@@ -157,8 +157,10 @@ def test_every_bench_and_eval_flag_has_help() -> None:
 def test_host_breakdown_times_each_piece_of_a_served_batch(tiny_ckpt: Path) -> None:
     from bench.gpu_engine import build_engine, host_breakdown
     from bench.gpu_report import markdown
+    from models.checkpoint import load_checkpoint
 
-    g = build_engine(tiny_ckpt, "eager", "auto", [1, 4], device="cpu")
+    name = load_checkpoint(tiny_ckpt)[1].info().name
+    g = build_engine(tiny_ckpt, "eager", "auto", [1, 4], device="cpu", scorers=[f"{name}=mnist-lenet"])
     try:
         row = host_breakdown(g, 2, 4)
     finally:
@@ -170,6 +172,7 @@ def test_host_breakdown_times_each_piece_of_a_served_batch(tiny_ckpt: Path) -> N
             "noise_ms",
             "runner_ms",
             "served_ms",
+            "score_ms",
             "noise_1_thread_ms",
             "served_1_thread_ms",
         )
@@ -178,5 +181,5 @@ def test_host_breakdown_times_each_piece_of_a_served_batch(tiny_ckpt: Path) -> N
     report = {"device": "cpu", "parts": {"engine": {"rc": 0, "result": {"consistency": [
         {"dtype": "float32", "per_bucket": [], "vs_reference": [], "host_breakdown": [row]}]}}}}  # fmt: skip
     md = markdown(report)
-    assert "| steps | batch | noise_ms | pin_ms | runner_ms | served_ms | torch_threads |" in md
+    assert "| steps | batch | noise_ms | pin_ms | runner_ms | served_ms | score_ms | torch_threads |" in md
     assert "\n| 2 | 4 | " in md
