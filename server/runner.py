@@ -2,10 +2,11 @@
 
 Per (bucket, steps) the runner owns static buffers — noise for every step [S, b, C, H, W],
 labels [b], times [S], the output [b, C, H, W] and its served form (uint8 pixels, per-row
-finiteness) — and a zero-argument function that samples from them into the output. On CUDA
-with backend 'graph' that function is captured into a CUDA graph and replayed; elsewhere it
-runs eagerly. Padding, chunking and buffer copies are the same code either way, so the CPU
-tests exercise exactly what the GPU runs.
+finiteness) — and zero-argument functions that sample from them into the output: one for
+plain batches and, for consistency models, one under the rows' edit constraints. On CUDA with
+backend 'graph' each is captured into a CUDA graph and replayed; elsewhere they run eagerly.
+Padding, chunking and buffer copies are the same code either way, so the CPU tests exercise
+exactly what the GPU runs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class Replayable(Protocol):
 
     @property
     def fn(self) -> Callable[[], None]: ...
+
+
+@dataclass
+class Variant:
+    """Another function over a slot's buffers, and its own captured graph."""
+
+    fn: Callable[[], None]
+    graph: Any = None
 
 
 def prepare(slots: Sequence[Replayable], use_graphs: bool) -> None:
@@ -78,8 +87,9 @@ class Slot:
     out: torch.Tensor  # [bucket, C, H, W] fp32
     images: torch.Tensor  # [bucket, H, W, C] uint8: out quantized
     finite: torch.Tensor  # [bucket] bool: every value of the row's out is finite
-    fn: Callable[[], None]
+    fn: Callable[[], None]  # sampling with no row edited
     edit: Constraint | None = None  # per-row edit buffers (consistency models)
+    edited: Variant | None = None  # sampling under the rows' edit constraints (with `edit`)
     graph: Any = None
     dirty: bool = False  # edit buffers or row times hold a previous batch's edits
 
@@ -143,32 +153,32 @@ class SamplerRunner:
         finite = torch.zeros((bucket,), dtype=torch.bool, device=dev)
         value_range = self.card.value_range
         model = self.model
-        edit = None
 
-        if self.card.kind == "consistency":
-            # each row's own times and edit constraint, as data: one graph serves any mix of
-            # plain and edit rows (models/editing.py)
-            times = times[:, None].repeat(1, bucket).contiguous()
-            edit = Constraint.empty(bucket, self.noise_shape, dev)
-            decode = self.decode or (lambda x: x)
+        def serving(sample: Callable[[], torch.Tensor]) -> Callable[[], None]:
+            @torch.inference_mode()
+            def fn() -> None:
+                out.copy_(sample())
+                # the served form, made where the output is (in the graph on a GPU): the host
+                # then copies a quarter of the bytes and runs no elementwise op of its own
+                images.copy_(quantize(out, value_range))
+                finite.copy_(torch.isfinite(out).flatten(1).all(1))
 
-            def sample() -> torch.Tensor:
-                return decode(consistency_sample(model, noise, labels, times, edit))
-        else:  # a TrigFlow teacher (the only diffusion kind a loader produces)
+            return fn
+
+        if self.card.kind != "consistency":  # a TrigFlow teacher (the only diffusion kind a loader produces)
             velocity, sigma_d = model.ode_velocity, model.sigma_d  # type: ignore[attr-defined]
+            fn = serving(lambda: ode_sample(velocity, noise[0], labels, times, sigma_d))
+            return Slot(bucket, steps, noise, labels, times, out, images, finite, fn)
 
-            def sample() -> torch.Tensor:
-                return ode_sample(velocity, noise[0], labels, times, sigma_d)
-
-        @torch.inference_mode()
-        def fn() -> None:
-            out.copy_(sample())
-            # the served form, made where the output is (in the graph on a GPU): the host then
-            # copies a quarter of the bytes and runs no elementwise op of its own
-            images.copy_(quantize(out, value_range))
-            finite.copy_(torch.isfinite(out).flatten(1).all(1))
-
-        return Slot(bucket, steps, noise, labels, times, out, images, finite, fn, edit)
+        # each row's own times and edit constraint, as data: the edited variant serves any mix of
+        # plain and edit rows (models/editing.py); plain batches, most of them, run the variant
+        # without the constraint's ops (some 20 small kernels per step for 28x28 images)
+        times = times[:, None].repeat(1, bucket).contiguous()
+        edit = Constraint.empty(bucket, self.noise_shape, dev)
+        decode = self.decode or (lambda x: x)
+        plain = serving(lambda: decode(consistency_sample(model, noise, labels, times)))
+        edited = Variant(serving(lambda: decode(consistency_sample(model, noise, labels, times, edit))))
+        return Slot(bucket, steps, noise, labels, times, out, images, finite, plain, edit, edited)
 
     def warmup(self, steps_list: list[int]) -> None:
         """Build every slot, run each once, and on CUDA capture it (largest bucket first)."""
@@ -176,7 +186,7 @@ class SamplerRunner:
         for steps in steps_list:
             for bucket in reversed(self.buckets):
                 self.slots[(bucket, steps)] = self._make_slot(bucket, steps)
-        prepare(list(self.slots.values()), self.use_graphs)
+        prepare([r for s in self.slots.values() for r in (s, s.edited) if r is not None], self.use_graphs)
         self.capture_s = time.perf_counter() - t0
 
     def time_buckets(
@@ -208,10 +218,10 @@ class SamplerRunner:
         """Smallest bucket holding n rows (n <= largest bucket)."""
         return self.buckets[bisect.bisect_left(self.buckets, n)]
 
-    def _execute(self, slot: Slot) -> None:
+    def _execute(self, run: Replayable) -> None:
         """A served batch: replay, counted in the runner metrics (timing runs are not)."""
-        replay(slot)
-        self.metrics.runner_runs.labels(self.card.name, "eager" if slot.graph is None else "graph").inc()
+        replay(run)
+        self.metrics.runner_runs.labels(self.card.name, "eager" if run.graph is None else "graph").inc()
 
     def _schedule(self, steps: int) -> torch.Tensor:
         return torch.tensor(self.card.schedules[steps], dtype=torch.float32, device=self.device)
@@ -296,12 +306,15 @@ class SamplerRunner:
             slot.labels[:n].copy_(labels[start : start + n], non_blocking=True)
             if n < slot.bucket:
                 slot.labels[n:].fill_(self.pad_label)
+            run: Replayable = slot
             if edit is None and times is None:
                 if slot.dirty:
                     slot.clean(self._schedule(steps))
             else:
                 self._load_edits(slot, start, n, edit, times)
-            self._execute(slot)
+                assert slot.edited is not None  # _load_edits refuses a slot without edits
+                run = slot.edited
+            self._execute(run)
             self.metrics.padded_rows.labels(self.card.name).inc(slot.bucket - n)
             self.metrics.computed_rows.labels(self.card.name).inc(slot.bucket)
             yield slot, start, n

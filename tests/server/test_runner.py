@@ -61,6 +61,35 @@ def test_served_images_are_the_output_quantized_with_each_rows_finiteness(tiny_c
     assert r.run_images(2, noise, labels)[1].all()
 
 
+def test_plain_batches_run_no_edit_ops_and_edit_batches_do(
+    tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch without edits runs the slot's plain variant (no constraint projection); a batch
+    with any edit runs the edited one, and the plain batch after it is back on the plain one
+    with the slot's times reset."""
+    from models.editing import Constraint
+
+    r = _runner(tiny_ckpt, [4])
+    projections = {"n": 0}
+    project = Constraint.project
+
+    def counted(self: Constraint, x0: torch.Tensor) -> torch.Tensor:
+        projections["n"] += 1
+        return project(self, x0)
+
+    monkeypatch.setattr(Constraint, "project", counted)
+    noise, labels = torch.randn(2, 3, 1, 28, 28), torch.tensor([1, 2, 3])
+    plain = r.run(2, noise, labels)
+    assert projections["n"] == 0
+    edit = Constraint.empty(3, (1, 28, 28))
+    edit.keep[0] = 1.0  # row 0 keeps the (zero) reference: an inpainting of every pixel
+    times = torch.tensor(r.card.schedules[2])[:, None].repeat(1, 3)
+    edited = r.run(2, noise, labels, edit, times)
+    assert projections["n"] == 2  # one projection per step
+    assert torch.equal(edited[1:], plain[1:]) and not torch.equal(edited[0], plain[0])
+    assert torch.equal(r.run(2, noise, labels), plain) and projections["n"] == 2
+
+
 def test_bucket_for_picks_the_smallest_that_fits(tiny_ckpt: Path) -> None:
     r = _runner(tiny_ckpt, [1, 2, 4, 8])
     assert [r.bucket_for(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
