@@ -81,16 +81,20 @@ def consistency_step(
     t: torch.Tensor,
     first: torch.Tensor,
     labels: torch.Tensor,
-    constraint: Constraint,
+    constraint: Constraint | None = None,
 ) -> torch.Tensor:
     """One step of `consistency_sample` for every row. x0_prev: [B, C, H, W] each row's last
     estimate (ignored on its first step); z: [B, C, H, W] its noise for this step; t: [B] its time
-    for this step; first: [B] bool, its first step. -> the new estimates [B, C, H, W]."""
+    for this step; first: [B] bool, its first step; constraint: the rows' edits (None: no row
+    edited). -> the new estimates [B, C, H, W]."""
     shape = (-1, *([1] * (z.dim() - 1)))
-    from_ref = constraint.from_ref.reshape(shape) > 0
-    x_first = torch.where(from_ref, model.renoise(constraint.ref, z, t), model.start(z, t))
+    x_first = model.start(z, t)
+    if constraint is not None:
+        from_ref = constraint.from_ref.reshape(shape) > 0
+        x_first = torch.where(from_ref, model.renoise(constraint.ref, z, t), x_first)
     x = torch.where(first.reshape(shape), x_first, model.renoise(x0_prev, z, t))
-    return constraint.project(model.denoise(x, t, labels))
+    x0 = model.denoise(x, t, labels)
+    return x0 if constraint is None else constraint.project(x0)
 
 
 def ode_step(

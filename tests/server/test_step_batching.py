@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
+from models.editing import Constraint
 from server.settings import Settings
 from tests.server.helpers import app_client
 from tests.server.test_edits import DIGIT, MASK, decode, png
@@ -93,6 +95,54 @@ async def test_edits_and_disconnects_in_step_mode(tiny_ckpt: Path) -> None:
         assert r.status_code == 504
         await asyncio.sleep(0.3)
         assert app.state.cm.batcher.snapshot()["rows_in_flight"].get("teacher", 0) == 0
+
+
+async def test_edited_and_plain_rows_in_flight_together_give_request_batchings_images(
+    tiny_ckpt: Path,
+) -> None:
+    """Evaluations with an edited row in flight run the constraints' variant, the others the
+    plain one: plain and edited images alike equal request-level batching's, byte for byte."""
+    import base64
+
+    image, mask = (base64.b64encode(png(a)).decode() for a in (DIGIT, MASK))
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for i in range(8):
+        if i % 3 == 1:
+            calls.append(("/v1/images/edits", {"image": image, "mask": mask, "seed": i, "steps": 1 + i % 4}))
+        else:
+            calls.append(
+                ("/v1/generate", {"model": "cm", "seed": i, "steps": 1 + i % 4, "class_label": i % 10})
+            )
+
+    async def run(c: Any, together: bool) -> list[list[str]]:
+        async def one(path: str, body: dict[str, Any]) -> list[str]:
+            r = await c.post(path, json=body)
+            assert r.status_code == 200, r.text
+            return [d["b64_json"] for d in r.json()["data"]]
+
+        if together:
+            return list(await asyncio.gather(*(one(p, b) for p, b in calls)))
+        return [await one(p, b) for p, b in calls]
+
+    async with app_client(_settings(tiny_ckpt, "request")) as (c, _):
+        want = await run(c, together=False)
+    async with app_client(_settings(tiny_ckpt, "step")) as (c, _):
+        got = await run(c, together=True)
+        assert got == want
+        assert await run(c, together=False) == want
+        # with no edited row in flight an evaluation projects nothing
+        projections = []
+        project = Constraint.project
+
+        def counted(self: Constraint, x0: Any) -> Any:
+            projections.append(1)
+            return project(self, x0)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Constraint, "project", counted)
+            r = await c.post("/v1/generate", json={"model": "cm", "seed": 1, "steps": 2})
+            assert r.status_code == 200 and not projections
+            assert (await run(c, together=False)) == want and projections
 
 
 async def test_a_max_batch_above_the_largest_bucket_is_held_to_it(tiny_ckpt: Path) -> None:
