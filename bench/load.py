@@ -175,8 +175,13 @@ class ServerBench:
         batch size each cmserve runs with (auto picks one at warm-up), read while all run."""
         specs = server_specs(self.args, self.checkpoint)
         self.cfgs.update({name: {"sweep": []} for name in specs})
+        # several servers warming up (and timing their buckets) at once share the cores: each
+        # takes several times what it does alone
+        timeout = 180.0 * len(specs)
         with ThreadPoolExecutor(len(specs)) as pool:
-            futures = {n: pool.submit(Proc, c, r, self.tmp / f"{n}.log") for n, (c, r) in specs.items()}
+            futures = {
+                n: pool.submit(Proc, c, r, self.tmp / f"{n}.log", timeout) for n, (c, r) in specs.items()
+            }
         self.procs.update({n: f.result() for n, f in futures.items() if f.exception() is None})
         for f in futures.values():
             if f.exception() is not None:

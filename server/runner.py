@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,6 +58,19 @@ def prepare(slots: Sequence[Replayable], use_graphs: bool) -> None:
             slot.graph = cuda_graphs.capture(slot.fn, pool)
         else:
             slot.fn()
+
+
+def variants(slots: Iterable[Replayable], use_graphs: bool) -> list[Replayable]:
+    """What `prepare` takes of these slots: on CUDA every variant, each captured into its own
+    graph; eagerly only the slots themselves, whose one run initialises all a variant shares
+    with them (running the edited variants as well would only lengthen start-up)."""
+    out: list[Replayable] = []
+    for slot in slots:
+        out.append(slot)
+        edited = getattr(slot, "edited", None)
+        if use_graphs and edited is not None:
+            out.append(edited)
+    return out
 
 
 def replay(slot: Replayable) -> None:
@@ -186,7 +199,7 @@ class SamplerRunner:
         for steps in steps_list:
             for bucket in reversed(self.buckets):
                 self.slots[(bucket, steps)] = self._make_slot(bucket, steps)
-        prepare([r for s in self.slots.values() for r in (s, s.edited) if r is not None], self.use_graphs)
+        prepare(variants(self.slots.values(), self.use_graphs), self.use_graphs)
         self.capture_s = time.perf_counter() - t0
 
     def time_buckets(

@@ -25,7 +25,7 @@ from models.grid import quantize
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_step, ode_step
 from server.metrics import Metrics
-from server.runner import Replayable, Variant, prepare, replay
+from server.runner import Replayable, Variant, prepare, replay, variants
 
 
 @dataclass
@@ -120,7 +120,7 @@ class StepRunner:
         """Build every bucket's evaluation, run it once, and on CUDA capture it (largest first)."""
         t0 = time.perf_counter()
         self.slots = {b: self._make_slot(b) for b in reversed(self.buckets)}
-        prepare([r for s in self.slots.values() for r in (s, s.edited) if r is not None], self.use_graphs)
+        prepare(variants(self.slots.values(), self.use_graphs), self.use_graphs)
         self.capture_s = time.perf_counter() - t0
 
     def time_buckets(self, rounds: int = 3) -> dict[int, float]:
