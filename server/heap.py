@@ -1,11 +1,10 @@
 """The cyclic garbage collector set for a server process that has finished loading.
 
-By then a process holds a couple of hundred thousand long-lived container objects (torch,
-pydantic, FastAPI, the model), and each request allocates dozens of short-lived ones (futures,
-coroutines, dicts). With CPython's default thresholds (700, 10, 10) a collection runs every 700
+By then a process holds every container object that torch, pydantic, FastAPI and the model
+made, far more than a request's short-lived ones (futures, coroutines, dicts), and they live
+as long as the process. With CPython's default thresholds (700, 10, 10) a collection runs every 700
 net allocations and the older generations' collections walk that whole start-up heap again and
-again, for nothing: what start-up made lives as long as the process. So, once before the server
-takes requests:
+again, for nothing. So, once before the server takes requests:
 
 - gc.freeze() moves every object alive into a permanent generation the collector never walks
   (after a collection, so no garbage is frozen in with it);
