@@ -60,16 +60,21 @@ def prepare(slots: Sequence[Replayable], use_graphs: bool) -> None:
             slot.fn()
 
 
-def variants(slots: Iterable[Replayable], use_graphs: bool) -> list[Replayable]:
+class WithVariant(Replayable, Protocol):
+    """A slot whose buffers another function runs over too (the request and step runners')."""
+
+    edited: Variant | None
+
+
+def variants(slots: Iterable[WithVariant], use_graphs: bool) -> list[Replayable]:
     """What `prepare` takes of these slots: on CUDA every variant, each captured into its own
     graph; eagerly only the slots themselves, whose one run initialises all a variant shares
     with them (running the edited variants as well would only lengthen start-up)."""
     out: list[Replayable] = []
     for slot in slots:
         out.append(slot)
-        edited = getattr(slot, "edited", None)
-        if use_graphs and edited is not None:
-            out.append(edited)
+        if use_graphs and slot.edited is not None:
+            out.append(slot.edited)
     return out
 
 
