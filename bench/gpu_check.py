@@ -9,6 +9,8 @@ with a time limit (a part past its limit is killed with its children, and the re
     env       device, versions, measured matmul and copy ceilings beside the datasheet's
     kernels   every Triton kernel vs a float64 reference, fp32 / bf16 / fp16 (bench/gpu_kernels.py)
     model     presets mnist-s, dit-b2, dit-xl2: eager vs graph, Triton vs torch ops, roofline
+    profile   dit-b2 and mnist-s under torch.profiler: kernel time by class (matmul, attention,
+              norms, ...), the kernels' summed time against the wall time (bench/gpu_profile.py)
     engine    the shipped checkpoints through the Engine: graph vs eager reference per bucket,
               served batch vs replay, capture time and memory, batch invariance, the teacher
     pytest    the `cuda`-marked tests
@@ -46,6 +48,7 @@ PARTS: list[tuple[str, int]] = [
     ("env", 40),
     ("kernels", 80),
     ("model", 170),
+    ("profile", 60),
     ("engine", 110),
     ("pytest", 70),
     ("server", 130),
@@ -118,6 +121,20 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
             ))  # fmt: skip
             _save(out, "model", results)  # partial results survive a kill
         return results
+    if name == "profile":
+        from bench.gpu_profile import profile_preset
+
+        profiles: list[tuple[str, torch.dtype, list[int]]] = [
+            ("dit-b2", torch.bfloat16, [1, 256]),
+            ("mnist-s", torch.bfloat16, [1, 64]),
+        ]
+        if dev.type != "cuda":  # a harness check
+            profiles = [("mnist-s", torch.float32, [1, 4])]
+        done = []
+        for preset, dt, batches in profiles:
+            done.append(profile_preset(preset, dt, batches, dev, deadline=deadline - 5))
+            _save(out, "profile", done)
+        return done
     if name == "engine":
         from bench.gpu_engine import check as engine_check
 

@@ -46,6 +46,16 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
             lines += _table(p["rows"], ["mode", "kernels", "batch", "eager_ms", "graph_ms", "graph_speedup",
                                         "images_per_s", "tflops", "pct_peak", "bound_ms", "x_bound",
                                         "graph_vs_reference_rel_err", "capture_s", "error"])  # fmt: skip
+    elif name == "profile" and res:
+        cols = ["batch", "mode", "wall_ms", "profiled_wall_ms", "kernels", "kernel_ms", "busy", "matmul_ms",
+                "attention_ms", "norm_ms", "copy_ms", "other_ms", "matmul_tflops", "attention_tflops",
+                "error"]  # fmt: skip
+        for p in res:
+            lines.append(f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps")
+            lines += _table(p["rows"], cols)
+            lines.append("")
+            top = [{"batch": r["batch"], "mode": r["mode"], **t} for r in p["rows"] for t in r.get("top", [])]
+            lines += _table(top, ["batch", "mode", "name", "class", "count", "ms", "pct"])
     elif name == "engine" and res:
         for r in res.get("consistency", []):
             lines.append(f"\n### cm-mnist {r['dtype']}: capture {r.get('capture_s')} s, "

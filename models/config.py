@@ -50,8 +50,13 @@ class DiTConfig:
         """
         N, D, p, C = self.num_tokens, self.width, self.patch_size, self.channels
         hidden = int(D * self.mlp_ratio)
-        per_block = 8 * N * D * D + 4 * N * D * hidden + 4 * N * N * D + 12 * D * D
-        return self.depth * per_block + 8 * D * D + 4 * N * D * p * p * C
+        per_block = 8 * N * D * D + 4 * N * D * hidden + 12 * D * D
+        return self.depth * per_block + self.attention_flops_per_image() + 8 * D * D + 4 * N * D * p * p * C
+
+    def attention_flops_per_image(self) -> int:
+        """The part of `flops_per_image` in attention's two batched products (QKᵀ and PV, 4·N²·D
+        per block); the rest is dense matmuls (linears, the patch embedding)."""
+        return self.depth * 4 * self.num_tokens**2 * self.width
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import gpu_check, gpu_wheels
+from bench.gpu_profile import CLASS_NAMES, classify, summarize
 from bench.roofline import datasheet, measure_peaks
 from models.config import PRESETS
 from models.consistency import SIGMA_D, TrigFlow
@@ -40,6 +41,8 @@ def test_flops_formula_matches_counted_flops(preset: str) -> None:
         net(x, torch.rand(B), torch.randint(0, cfg.num_classes, (B,)))
     counted = counter.get_total_flops() / B
     assert abs(counted - cfg.flops_per_image()) / counted < 0.01, (counted, cfg.flops_per_image())
+    # attention's share (the profile's attention TFLOP/s): its batched products, exactly
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.bmm] / B == cfg.attention_flops_per_image()
 
 
 def test_gpu_presets_match_the_dit_paper() -> None:
@@ -77,7 +80,7 @@ def test_gpu_check_harness_on_cpu(tmp_path: Path) -> None:
     """--allow-cpu runs the parts that can run here and writes the report with the roofline
     columns against the CPU's measured peak."""
     p = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--parts", "env,model",
+        [sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--parts", "env,model,profile",
          "--budget", "200", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=260,
     )  # fmt: skip
@@ -93,8 +96,41 @@ def test_gpu_check_harness_on_cpu(tmp_path: Path) -> None:
     assert {r["batch"] for r in rows} == {1, 8} and all("error" not in r for r in rows)
     # tflops is rounded to 0.01: a loaded CI machine can round it to 0
     assert all(r["tflops"] >= 0 and r["graph_ms"] > 0 and r["x_bound"] >= 1 for r in rows), rows
+    (prof,) = report["parts"]["profile"]["result"]
+    assert [(r["batch"], r["mode"]) for r in prof["rows"]] == [(1, "eager"), (4, "eager")]
+    for r in prof["rows"]:
+        assert "error" not in r, r
+        # every op lands in one class, and the ops ran inside the call the wall time covers
+        parts = sum(r[f"{c}_ms"] for c in CLASS_NAMES)
+        assert parts == pytest.approx(r["kernel_ms"], abs=0.01) and r["busy"] > 0, r
+        assert r["kernel_ms"] <= r["profiled_wall_ms"], r
+        assert r["matmul_ms"] > 0 and r["matmul_tflops"] > 0 and r["top"][0]["class"] == "matmul", r
     md = next(tmp_path.glob("*.md")).read_text()
-    assert "## model" in md and "pct_peak" in md
+    assert "## model" in md and "pct_peak" in md and "## profile" in md and "matmul_tflops" in md
+
+
+def test_profile_classes_and_summary() -> None:
+    """Kernel names as cuBLAS, Triton and aten give them land in their classes, and the summary's
+    sums, shares and TFLOP/s follow from the times."""
+    names = {
+        "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmul",
+        "_attention_kernel": "attention",
+        "_adaln_norm_kernel": "norm",
+        "_gated_residual_kernel": "norm",
+        "Memcpy DtoD (Device -> Device)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
+        "aten::addmm": "matmul",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    }
+    assert {n: classify(n) for n in names} == names
+    times = [("nvjet_a", 600.0), ("nvjet_a", 200.0), ("_attention_kernel", 100.0), ("misc", 100.0)]
+    s = summarize(times, wall_s=2e-3, matmul_flops=8e9, attention_flops=1e8, top=2)
+    assert (s["kernels"], s["kernel_ms"], s["busy"]) == (4, 1.0, 0.5)
+    assert (s["matmul_pct"], s["attention_pct"], s["other_pct"], s["norm_ms"]) == (80.0, 10.0, 10.0, 0.0)
+    assert s["matmul_tflops"] == 10.0 and s["attention_tflops"] == 1.0  # 8e9 / 0.8 ms; 1e8 / 0.1 ms
+    top = [(t["name"], t["count"], t["ms"]) for t in s["top"]]
+    assert top == [("nvjet_a", 2, 0.8), ("_attention_kernel", 1, 0.1)]
 
 
 def test_part_past_its_limit_is_killed_with_its_children(tmp_path: Path) -> None:
