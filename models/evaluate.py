@@ -166,15 +166,31 @@ SCHEDULE_CANDIDATES: dict[int, list[tuple[float, ...]]] = {
 }
 
 
+def balanced_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices of n images, n / 10 of each class drawn at random: the search's reference set.
+    (The train split is ordered by class, so its first n images would hold only the first few
+    classes, and every class-balanced sample set would sit far from them.)"""
+    g = torch.Generator().manual_seed(seed)
+    per = n // 10
+    picks = []
+    for c in range(10):
+        idx = torch.nonzero(labels == c)[:, 0]
+        if len(idx) < per:
+            raise ValueError(f"class {c} has {len(idx)} images, fewer than {per}")
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per]])
+    return torch.cat(picks)
+
+
 def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
-    """FLD of each candidate schedule on n samples, against 2,000 *training* images (the held-out
-    set stays unseen by the search) with other seeds than the published eval; the best per step
-    count is written into the checkpoint card (weights untouched)."""
+    """FLD of each candidate schedule on n samples, against 2,000 class-balanced *training*
+    images (the held-out set stays unseen by the search) with other seeds than the published
+    eval; the best per step count is written into the checkpoint card (weights untouched)."""
     from models.checkpoint import card_paths
     from models.data import load_split
 
     clf = load_classifier(args.classifier)
-    ref = features(clf, load_split("train")[0][:2000])
+    x_train, y_train = load_split("train")
+    ref = features(clf, x_train[balanced_indices(y_train, 2000)])
     model, card = load_checkpoint(args.checkpoint)
     t_max = card.schedules[1][0]
     found: dict[str, Any] = {}
@@ -199,7 +215,8 @@ def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
     raw = json.loads(js.read_text())
     for k, v in found.items():
         raw["schedules"][k] = v["times"]
-    raw["provenance"]["schedule_search"] = {"samples": n, "metric": "FLD vs 2,000 training images", **found}
+    metric = "FLD vs 2,000 class-balanced training images"
+    raw["provenance"]["schedule_search"] = {"samples": n, "metric": metric, **found}
     # a new card beside the old one (same weights file): replacing a shipped card is a deliberate act
     out = Path(args.tuned_card) if args.tuned_card else js.with_name(js.stem + "-tuned.json")
     if out.resolve().parent != js.resolve().parent:

@@ -137,6 +137,23 @@ def test_distill_must_be_known(tmp_path: Path) -> None:
         run("tiny", str(tmp_path / "x"), {"distill": "sct"})
 
 
+def test_schedule_search_reference_is_class_balanced() -> None:
+    """The train split is ordered by class: a prefix of it would be a few classes only."""
+    import pytest
+
+    from models.data import load_split
+    from models.evaluate import balanced_indices
+
+    _, labels = load_split("train")
+    assert torch.bincount(labels[:2000], minlength=10)[5:].sum() == 0  # why a prefix will not do
+    idx = balanced_indices(labels, 2000)
+    assert len(set(idx.tolist())) == 2000
+    assert torch.bincount(labels[idx], minlength=10).tolist() == [200] * 10
+    assert torch.equal(balanced_indices(labels, 2000), idx)  # the same set on every call
+    with pytest.raises(ValueError, match="fewer than"):
+        balanced_indices(labels[:500], 200)
+
+
 def test_tune_schedules_writes_a_new_card(tiny_ckpt: Path, tmp_path: Path) -> None:
     """The search leaves the card it read alone and writes its choice into a card beside it."""
     import argparse
