@@ -160,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 # Candidate re-noising times after t_max, searched by FLD the way the original consistency
 # models chose theirs (Song et al. 2023); 1.1 is sCM's two-step setting.
 SCHEDULE_CANDIDATES: dict[int, list[tuple[float, ...]]] = {
-    2: [(0.9,), (1.0,), (1.1,), (1.2,), (1.3,)],
+    2: [(0.7,), (0.8,), (0.9,), (1.0,), (1.1,), (1.2,), (1.3,)],
     3: [(1.1, 0.8), (1.2, 0.8), (1.1, 0.6), (1.3, 0.9)],
     4: [(1.3, 1.1, 0.8), (1.4, 1.1, 0.6), (1.2, 0.9, 0.5), (1.3, 1.0, 0.7)],
 }
