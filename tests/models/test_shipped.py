@@ -49,10 +49,10 @@ def test_shipped_model_draws_the_asked_digits() -> None:
     noise = torch.randn(2, 50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     x = consistency_sample(model, noise, y, torch.tensor(card.schedules[2]))
     acc = (clf(x.clamp(-0.5, 0.5)).argmax(1) == y).float().mean().item()
-    assert acc >= 0.92, acc  # 0.98 for the shipped model; the ECT model before it drew 0.885 on average
+    assert acc >= 0.92, acc  # 0.96 for the shipped model; the ECT model before it drew 0.885 on average
 
 
-SHIPPED_SHA256 = "82354ce968155e5fc9c337ae6b8014e64de3ad2ce902facd03aa7ad3a6c5673a"
+SHIPPED_SHA256 = "9a6ce6ab39e343b0f91a9407b8e01b2cbc5f184fcea35125beb6d8c7dc92fc54"
 PINNED = Path(__file__).with_name("shipped_2step.npy")
 
 
