@@ -166,6 +166,9 @@ SCHEDULE_CANDIDATES: dict[int, list[tuple[float, ...]]] = {
 }
 
 
+SEARCH_REFERENCE = 2000  # class-balanced training images the search's FLD is measured against
+
+
 def balanced_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Indices of n images, n / 10 of each class drawn at random: the search's reference set.
     (The train split is ordered by class, so its first n images would hold only the first few
@@ -190,7 +193,7 @@ def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
 
     clf = load_classifier(args.classifier)
     x_train, y_train = load_split("train")
-    ref = features(clf, x_train[balanced_indices(y_train, 2000)])
+    ref = features(clf, x_train[balanced_indices(y_train, SEARCH_REFERENCE)])
     model, card = load_checkpoint(args.checkpoint)
     t_max = card.schedules[1][0]
     found: dict[str, Any] = {}
@@ -215,7 +218,7 @@ def tune_schedules(args: argparse.Namespace, n: int = 1000) -> dict[str, Any]:
     raw = json.loads(js.read_text())
     for k, v in found.items():
         raw["schedules"][k] = v["times"]
-    metric = "FLD vs 2,000 class-balanced training images"
+    metric = f"FLD vs {SEARCH_REFERENCE:,} class-balanced training images"
     raw["provenance"]["schedule_search"] = {"samples": n, "metric": metric, **found}
     # a new card beside the old one (same weights file): replacing a shipped card is a deliberate act
     out = Path(args.tuned_card) if args.tuned_card else js.with_name(js.stem + "-tuned.json")
