@@ -1,12 +1,18 @@
-"""The markdown summary of a gpu-check report (report.json -> report.md).
+"""The markdown summary of a gpu-check report (report.json -> report.md), and the merge of runs.
 
 python3 -m bench.gpu_report docs/gpu/report.json > docs/gpu/report.md
+python3 -m bench.gpu_report --merge first.json second.json [--note TEXT ...] --out docs/gpu
+
+A device lease rarely fits every part in one command: a second, shorter run of the parts the
+first skipped or failed is merged into one report, each part's entry from the later run that ran
+it, and the report's `runs` lists every command with its time.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -25,7 +31,8 @@ def _fmt(v: Any) -> str:
 
 def _section(name: str, part: dict[str, Any]) -> list[str]:
     res = part.get("result")
-    lines = [f"## {name}", f"exit code {part.get('rc')}, {part.get('seconds', '-')} s"]
+    run = f" (run {part['run']})" if "run" in part else ""
+    lines = [f"## {name}", f"exit code {part.get('rc')}, {part.get('seconds', '-')} s{run}"]
     if part.get("skipped"):
         return [*lines, f"skipped: {part['skipped']}", ""]
     if name == "env" and res:
@@ -93,12 +100,36 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def merge(reports: list[dict[str, Any]], notes: list[str] | None = None) -> dict[str, Any]:
+    """One report from runs on the same device, in run order: a part that ran (rc not None) in a
+    later run replaces the earlier entry; parts keep the order of their first appearance."""
+    devices = {r.get("device") for r in reports}
+    if len(devices) != 1:
+        raise ValueError(f"runs on different devices cannot be merged: {sorted(map(str, devices))}")
+    runs: list[dict[str, Any]] = []
+    parts: dict[str, Any] = {}
+    for r in reports:
+        first = len(runs) + 1  # a report merged before keeps its own parts' run numbers
+        runs += r.get("runs", [{"time": r.get("time"), "command": r.get("command")}])
+        for name, part in r.get("parts", {}).items():
+            if name not in parts or part.get("rc") is not None:
+                parts[name] = {**part, "run": first + part.get("run", 1) - 1}
+    merged = {**reports[-1], "time": reports[0].get("time"), "runs": runs, "parts": parts}
+    merged["command"] = " ; ".join(str(run["command"]) for run in runs)
+    merged["notes"] = [*(n for r in reports for n in r.get("notes", [])), *(notes or [])]
+    merged["ok"] = all(p.get("rc") == 0 for p in parts.values())
+    return merged
+
+
 def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"# gpu-check on {report.get('device')}",
-        f"{report.get('time')}, torch {report.get('torch')}; `{report.get('command')}`",
-        "",
-    ]
+    lines = [f"# gpu-check on {report.get('device')}"]
+    if report.get("runs"):
+        lines += [f"- run {i}: {run['time']}, `{run['command']}`" for i, run in enumerate(report["runs"], 1)]
+        lines.append(f"- torch {report.get('torch')}; each part below says which run it comes from")
+    else:
+        lines.append(f"{report.get('time')}, torch {report.get('torch')}; `{report.get('command')}`")
+    lines += [f"- note: {n}" for n in report.get("notes", [])]
+    lines.append("")
     for name, part in report.get("parts", {}).items():
         try:
             lines += _section(name, part)
@@ -107,6 +138,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reports", nargs="+", help="report JSON files (several with --merge, in run order)")
+    ap.add_argument("--merge", action="store_true", help="merge the runs into one report")
+    ap.add_argument("--note", action="append", default=[], help="a line for the merged report's head")
+    ap.add_argument("--out", default="docs/gpu", help="where --merge writes <device>.json and .md")
+    args = ap.parse_args()
+    loaded = [json.loads(Path(p).read_text()) for p in args.reports]
+    if not args.merge:
+        print(markdown(loaded[0]), end="")
+        return
+    from bench.gpu_check import write_report
+
+    print(write_report(merge(loaded, args.note), Path(args.out)))
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as fh:
-        print(markdown(json.load(fh)), end="")
+    main()

@@ -148,7 +148,11 @@ class DiT(nn.Module):
         """x: [B, C, H, W]; t: [B] fp32 radians; y: [B] int64 in [0, num_classes] -> [B, C, H, W]."""
         B, C, H, W = x.shape
         p = self.cfg.patch_size
-        h = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # [B, N, D]
+        # pos first: the sum takes the layout of its first operand where strides tie, so the
+        # residual stream comes out contiguous [B, N, D] rather than in the conv's [B, D, N]
+        # order, which every fused norm would otherwise copy (a transposing copy of the whole
+        # stream per forward)
+        h = self.pos + self.patch(x).flatten(2).transpose(1, 2)  # [B, N, D]
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.y_embed(y)
         c = F.silu(c)  # [B, D]
         blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]

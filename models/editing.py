@@ -88,7 +88,9 @@ class Constraint:
             mean = F.avg_pool2d(d, p).repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)
             out = out - self.patch[:, j].reshape(-1, 1, 1, 1) * mean
         if x0.shape[1] == 3:
-            u = LUMA.to(x0.device, x0.dtype).reshape(1, 3, 1, 1)
+            # built on the device from Python floats: LUMA.to(device) would be a host-to-device
+            # copy, which CUDA graph capture refuses
+            u = torch.stack([x0.new_full((), c) for c in LUMA.tolist()]).reshape(1, 3, 1, 1)
             out = out - self.luma.reshape(-1, 1, 1, 1) * (d * u).sum(1, keepdim=True) * u
         return out
 

@@ -219,3 +219,36 @@ def test_host_breakdown_times_each_piece_of_a_served_batch(tiny_ckpt: Path) -> N
     md = markdown(report)
     assert "| steps | batch | noise_ms | pin_ms | runner_ms | served_ms | score_ms | torch_threads |" in md
     assert "\n| 2 | 4 | " in md
+
+
+def test_merge_takes_each_part_from_the_later_run_that_ran_it() -> None:
+    from bench.gpu_report import markdown, merge
+
+    first = {"device": "GPU X", "time": "t1", "command": "run one", "torch": "2.11", "parts": {
+        "env": {"rc": 0, "result": {"device": "GPU X"}},
+        "pytest": {"rc": 1, "log": "2 failed"},
+        "quality": {"rc": None, "skipped": "out of time (5 s left)"},
+    }}  # fmt: skip
+    second = {"device": "GPU X", "time": "t2", "command": "run two", "torch": "2.11", "parts": {
+        "env": {"rc": 0, "result": {"device": "GPU X", "again": True}},
+        "quality": {"rc": 0, "result": [{"dtype": "bfloat16", "steps": 2, "fld": 30.1}]},
+        "kbench": {"rc": None, "skipped": "out of time"},
+    }}  # fmt: skip
+    m = merge([first, second], notes=["pytest re-run by hand: 13 passed"])
+    assert list(m["parts"]) == ["env", "pytest", "quality", "kbench"]
+    assert m["parts"]["env"]["run"] == 2 and m["parts"]["env"]["result"]["again"]
+    assert m["parts"]["pytest"] == {"rc": 1, "log": "2 failed", "run": 1}  # kept: run two did not run it
+    assert m["parts"]["quality"]["run"] == 2 and m["parts"]["kbench"]["skipped"]
+    assert [r["command"] for r in m["runs"]] == ["run one", "run two"]
+    assert not m["ok"]  # pytest failed and kbench never ran
+    md = markdown(m)
+    assert "- run 1: t1, `run one`" in md and "- run 2: t2, `run two`" in md
+    assert "- note: pytest re-run by hand: 13 passed" in md
+    assert "## quality\nexit code 0, - s (run 2)" in md
+    # a merged report merges again with its runs numbered on
+    third = {"device": "GPU X", "time": "t3", "command": "run 3", "parts": {"pytest": {"rc": 0, "log": "ok"}}}
+    mm = merge([m, third])
+    assert mm["parts"]["pytest"]["run"] == 3 and mm["parts"]["quality"]["run"] == 2
+    assert [r["time"] for r in mm["runs"]] == ["t1", "t2", "t3"]
+    with pytest.raises(ValueError, match="different devices"):
+        merge([first, {**second, "device": "GPU Y"}])

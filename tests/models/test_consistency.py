@@ -40,6 +40,26 @@ def test_network_output_has_input_shape_and_depends_on_label() -> None:
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
 
 
+def test_residual_stream_reaches_the_fused_norms_contiguous(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a strided stream ([B, D, N] order, as the patch conv leaves it) would make every fused norm
+    # copy it first: on an H100 at DiT-B/2 batch 256 that was 4 transposing copies of the whole
+    # stream per 2-step batch
+    import kernels
+
+    seen: list[bool] = []
+    for name in ("adaln_norm", "residual_adaln_norm"):
+        op = getattr(kernels, name)
+
+        def spy(x: torch.Tensor, *a: object, _op=op, **k: object) -> object:  # type: ignore[no-untyped-def]
+            seen.append(x.is_contiguous())
+            return _op(x, *a, **k)
+
+        monkeypatch.setattr(kernels, name, spy)
+    m = _model()
+    m.net(torch.randn(3, 1, 28, 28), torch.full((3,), 1.0), torch.tensor([1, 2, 3]))
+    assert len(seen) == 1 + 2 * m.net.cfg.depth and all(seen)
+
+
 def test_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(image_size=28, patch_size=5)
