@@ -57,14 +57,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     v.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     v.add_argument(
         "--fractions",
-        default="0.05,0.1,0.2,0.35,0.5,0.7,1.0,1.3",
-        help="arrival rates as fractions of the raw sampler's images/s",
+        default="",
+        help="arrival rates as fractions of the raw sampler's images/s (default "
+        "0.05,0.1,0.2,0.35,0.5,0.7,1.0,1.3; with --quick 0.05,0.15)",
     )
     v.add_argument("--duration", type=float, default=5.0, help="seconds per arrival rate")
     v.add_argument(
         "--min-requests", type=int, default=200, help="run a rate longer if it would send fewer requests"
     )
     v.add_argument("--peers", default="litserve,plain", help="peer servers to run beside cmserve")
+    v.add_argument(
+        "--clients", type=int, default=1,
+        help="processes sending the open-loop load, each at rate/clients (one event loop sends a few "
+        "thousand requests per second at most)",
+    )  # fmt: skip
     v.add_argument(
         "--frontends", type=int, default=1, help="also run cmserve with this many front-end processes (> 1)"
     )

@@ -12,6 +12,7 @@ keeps up: this is the number to hold against it.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -133,6 +134,9 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             proc.stop()
         print(name, result["servers"][name], flush=True)
+        if args.json:  # after each server: a run killed at its time limit keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

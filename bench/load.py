@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import signal
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.loadgen import closed_loop, make_body, open_loop, run
+from bench.loadgen import closed_loop, open_loop_clients, run
 from bench.procs import Proc, histogram_buckets, sample_sum
 from bench.sampler import RawClock, bench_sampler, machine
 
@@ -65,20 +66,17 @@ def sweep(
     steps: int = 2,
     min_requests: int = 0,
     classes: int = 10,
+    clients: int = 1,
+    pool: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Each rate runs for `duration` s, longer where that would send fewer than `min_requests`
-    (at 9 req/s, 5 s is 45 requests: their p99 would be their maximum)."""
+    (at 9 req/s, 5 s is 45 requests: their p99 would be their maximum), sent by `clients`
+    processes of `pool` (bench.loadgen.open_loop_clients)."""
     rows = []
     for rate in rates:
         before = _request_buckets(proc) if server_hist else {}
-        res = run(
-            open_loop(
-                "127.0.0.1",
-                proc.port,
-                rate,
-                max(duration, min_requests / rate),
-                body_fn=lambda r: (make_body(r, steps=steps, classes=classes), 1),
-            )
+        res = open_loop_clients(
+            proc.port, rate, max(duration, min_requests / rate), steps, classes, clients, pool
         )
         row = res.summary()
         if server_hist:
@@ -137,17 +135,19 @@ class ServerBench:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="cmserve-bench-"))
         self.checkpoint, self.teacher = args.checkpoint, args.teacher
-        self.fractions = [float(f) for f in args.fractions.split(",")]
+        fractions = args.fractions or ("0.05,0.15" if args.quick else "0.05,0.1,0.2,0.35,0.5,0.7,1.0,1.3")
+        self.fractions = [float(f) for f in fractions.split(",")]
         self.duration = args.duration
         if args.quick:
             from models.placeholder import build_placeholder
 
             self.checkpoint = self.checkpoint or str(build_placeholder(self.tmp / "tiny"))
             self.teacher = ""
-            self.fractions, self.duration = [0.05, 0.15], 1.0
+            self.duration = 1.0
         self.min_requests = 0 if args.quick else args.min_requests
         self.procs: dict[str, Proc] = {}
         self.cfgs: dict[str, dict[str, Any]] = {}
+        self.pool: Executor | None = None  # the load's client processes (--clients > 1)
 
     # -- helpers ---------------------------------------------------------------------------------
     def only(self, name: str | None) -> None:
@@ -220,6 +220,8 @@ class ServerBench:
                     2,
                     self.min_requests,
                     self.classes,
+                    self.args.clients,
+                    self.pool,
                 )
                 if name == "cmserve" and (self.fractions[i] >= 0.5 or i == len(rates) - 1):
                     rows, raw_ms = self.around(name, 64, f"at {rate} req/s", one_rate)
@@ -236,8 +238,9 @@ class ServerBench:
         self.only("cmserve")
         at70 = round(0.7 * cm["saturation_images_per_s"], 2)
         cm["at_70pct"] = sweep(
-            self.procs["cmserve"], [at70], self.duration, True, 2, self.min_requests, self.classes
-        )[0]
+            self.procs["cmserve"], [at70], self.duration, True, 2, self.min_requests, self.classes,
+            self.args.clients, self.pool,
+        )[0]  # fmt: skip
         if "litserve" in self.cfgs:
             self.cfgs["litserve"]["settings"] = {
                 "max_batch_size": self.args.litserve_max_batch,
@@ -309,8 +312,12 @@ class ServerBench:
             "fractions": self.fractions,
             "duration_s": self.duration,
             "min_requests": self.min_requests,
+            "clients": a.clients,
             "configs": self.cfgs,
         }
+        if a.clients > 1:  # started, and their imports done, before the first timed rate
+            self.pool = ProcessPoolExecutor(a.clients, mp_context=multiprocessing.get_context("spawn"))
+            list(self.pool.map(abs, range(a.clients)))
         try:
             self.start()
             self.idle()
@@ -322,6 +329,8 @@ class ServerBench:
         finally:
             self.clock.close()
             self.stop_servers()  # only after an error is anything left
+            if self.pool is not None:
+                self.pool.shutdown()
         self.summary(result)
         print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
         return result

@@ -14,7 +14,9 @@ import json
 import random
 import time
 from collections.abc import Coroutine
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -150,6 +152,33 @@ def make_body(rng: random.Random, n: int = 1, steps: int = 2, classes: int = 10)
     if classes:
         body = {"class_label": rng.randrange(classes), **body}
     return json.dumps(body).encode()
+
+
+def generate_body(rng: random.Random, steps: int = 2, classes: int = 10) -> tuple[bytes, int]:
+    """One n = 1 generate body and its image count (a picklable body_fn for client processes)."""
+    return make_body(rng, steps=steps, classes=classes), 1
+
+
+def open_loop_client(
+    port: int, rate: float, duration_s: float, seed: int, steps: int, classes: int
+) -> RunResult:
+    """One client process's share of an open-loop load (module level: spawned processes import it)."""
+    body_fn = partial(generate_body, steps=steps, classes=classes)
+    return run(open_loop("127.0.0.1", port, rate, duration_s, seed=seed, body_fn=body_fn))
+
+
+def open_loop_clients(
+    port: int, rate: float, duration_s: float, steps: int, classes: int, clients: int = 1,
+    pool: Executor | None = None,
+) -> RunResult:  # fmt: skip
+    """Poisson arrivals at `rate` req/s from `clients` processes of `pool`, rate/clients each
+    (the sum of independent Poisson streams is one at the sum of their rates), or from this
+    process alone. One event loop sends a few thousand requests per second at most, below what
+    several front-end processes answer."""
+    if clients <= 1 or pool is None:
+        return open_loop_client(port, rate, duration_s, 0, steps, classes)
+    args = [(port, rate / clients, duration_s, seed, steps, classes) for seed in range(clients)]
+    return RunResult.combined(list(pool.map(open_loop_client, *zip(*args, strict=True))))
 
 
 async def open_loop(

@@ -2,11 +2,18 @@
 
 Per (batch*head, block of BLOCK_M queries): normalize q (RMS over the real head dim, times its
 weight) and fold in softmax's 1/sqrt(Dh) and log2(e) so the loop can use exp2; then stream K/V
-in blocks of BLOCK_N, normalizing each K block the same way, with the online softmax of
-FlashAttention (Dao et al. 2022; Triton tutorial 06): running max m, running sum l, and the fp32
-accumulator rescaled by exp2(m_old − m_new). Tails past N are masked to −inf (keys) or not
-stored (queries); head dims that are not a power of two are zero-padded to BLOCK_D, which
-leaves dot products and the RMS (divided by the real Dh) unchanged.
+in blocks of BLOCK_N with the online softmax of FlashAttention (Dao et al. 2022; Triton
+tutorial 06): running max m, running sum l, and the fp32 accumulator rescaled by
+exp2(m_old − m_new). Tails past N are masked to −inf (keys) or not stored (queries); head dims
+that are not a power of two are zero-padded to BLOCK_D, which leaves dot products and the RMS
+(divided by the real Dh) unchanged. Shapes that fill every block (EVEN) skip the masks.
+
+K's RMSNorm, two ways (`k_norm`):
+- 'keys': each K block is normalized in registers before the QK dot, as the reference does.
+- 'scores': q·(k/rms_k ⊙ w) = ((q ⊙ w)·k)/rms_k, so K's weight is folded into q once and each
+  score column is scaled by its key's 1/rms_k after the dot. The raw K block goes to the dot as
+  loaded (on Hopper the dot's operands are read from shared memory, and a block rewritten in
+  registers has to be stored back there first); its sum of squares is a row reduction beside it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ def _attention_kernel(
     qk_scale,
     eps,
     QK_NORM: tl.constexpr,
+    K_SCALE: tl.constexpr,  # k_norm='scores'
+    EVEN: tl.constexpr,  # N a multiple of BLOCK_M and BLOCK_N, and Dh == BLOCK_D: no masks
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -67,11 +76,16 @@ def _attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < Dh
     q_ptrs = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & d_mask[None, :], other=0.0).to(tl.float32)
+    if EVEN:
+        q = tl.load(q_ptrs).to(tl.float32)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < N) & d_mask[None, :], other=0.0).to(tl.float32)
     if QK_NORM:
         qw = tl.load(QW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         kw = tl.load(KW + offs_d, mask=d_mask, other=0.0).to(tl.float32)
         q = _rms(q, qw, Dh, eps)
+        if K_SCALE:
+            q = q * kw[None, :]
     q = (q * qk_scale).to(DOT_DTYPE)  # qk_scale = log2(e)/sqrt(Dh)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -81,17 +95,22 @@ def _attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(
-            K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=kv_mask, other=0.0
-        )
-        if QK_NORM:
+        k_ptrs = K + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_d[None, :]
+        v_ptrs = V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :]
+        if EVEN:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs).to(DOT_DTYPE)
+        else:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0).to(DOT_DTYPE)
+        if QK_NORM and not K_SCALE:
             k = _rms(k.to(tl.float32), kw, Dh, eps)
-        k = k.to(DOT_DTYPE)
-        v = tl.load(
-            V + b * sv_b + h * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=kv_mask, other=0.0
-        ).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 domain
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], log2 domain
+        if QK_NORM and K_SCALE:
+            kf = k.to(tl.float32)
+            s = s * (1.0 / tl.sqrt(tl.sum(kf * kf, axis=1) / Dh + eps))[None, :]
+        if not EVEN:
+            s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -100,7 +119,10 @@ def _attention_kernel(
         m_i = m_new
     acc = acc / l_i[:, None]
     o_ptrs = Out + b * so_b + h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & d_mask[None, :])
+    if EVEN:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < N) & d_mask[None, :])
 
 
 _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -130,6 +152,7 @@ def attention(
     out: torch.Tensor | None = None,
     fp32_precision: str = "ieee",
     config: tuple[int, int, int, int] | None = None,
+    k_norm: str = "keys",
 ) -> torch.Tensor:
     """q, k, v: [B, H, N, Dh] (any strides, last dim contiguous) -> [B, H, N, Dh].
 
@@ -138,6 +161,8 @@ def attention(
     Triton's own default and what an fp32 `tl.dot` silently does on NVIDIA GPUs. Ignored for
     bf16/fp16, which always use the tensor cores.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default choice (benchmarks).
+    k_norm: where K's RMSNorm is applied, 'keys' or 'scores' (the module docstring); the same
+    result up to rounding. 'keys' stays the default until a GPU run measures 'scores' faster.
 
     The default output is a [B, H, N, Dh] view of a contiguous [B, N, H, Dh] buffer, so the
     caller's transpose(1, 2).reshape(B, N, H*Dh) costs nothing.
@@ -166,6 +191,9 @@ def attention(
         block_m, block_n, warps, n_stages = config
         stages = {"num_stages": n_stages}
     qk_norm = q_weight is not None
+    if k_norm not in ("keys", "scores"):
+        raise ValueError(f"k_norm must be 'keys' or 'scores', got {k_norm!r}")
+    even = N % block_m == 0 and N % block_n == 0 and Dh == block_d
     qw = q_weight if qk_norm else q
     kw = k_weight if qk_norm else q
     # Dots run in the input dtype (tensor cores); the CPU interpreter's bf16 dot is wrong (numpy
@@ -202,6 +230,8 @@ def attention(
         math.log2(math.e) / math.sqrt(Dh),
         eps,
         QK_NORM=qk_norm,
+        K_SCALE=k_norm == "scores",
+        EVEN=even,
         DOT_DTYPE=dot_dtype,
         PRECISION=precision,
         BLOCK_M=block_m,

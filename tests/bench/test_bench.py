@@ -62,7 +62,10 @@ def test_server_bench_serves_a_diffusers_model(tmp_path: Path) -> None:
 
 
 def test_server_bench_quick(tmp_path: Path) -> None:
-    r = _bench("server", "--plot", str(tmp_path / "plot.png"), tmp=tmp_path)
+    # two client processes share each open-loop rate, and --fractions overrides quick's own
+    r = _bench("server", "--plot", str(tmp_path / "plot.png"), "--clients", "2", "--fractions", "0.04,0.12",
+               tmp=tmp_path)  # fmt: skip
+    assert r["clients"] == 2 and r["fractions"] == [0.04, 0.12]
     for key in (
         "raw_images_per_s",
         "saturation_images_per_s",

@@ -17,6 +17,7 @@ CASES = [
     (2, 2, 49, 40),
     (1, 2, 20, 80),
     (1, 2, 150, 72),  # DiT-XL/2's head dim; 128-query blocks: one full and a tail of 22
+    (2, 2, 128, 64),  # every block full (the kernel's unmasked EVEN path), DiT-B/2's head dim
 ]
 
 
@@ -46,6 +47,21 @@ def test_attention_matches_reference(
     assert_close_to_fp32(out, reference.attention(*lp, *wl), ref32, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 6, 49, 32), (1, 2, 150, 72), (2, 2, 128, 64)], ids=str)
+def test_k_norm_as_a_score_scale_matches_reference(case: tuple[int, ...], dtype: torch.dtype) -> None:
+    """k_norm='scores' (K's weight folded into q, 1/rms_k applied to the scores) is the same op."""
+    torch.manual_seed(sum(case))
+    q, k, v = _qkv(*case)
+    # K rows of very different norms: a missing or misplaced 1/rms_k would change the softmax
+    k = k * torch.linspace(0.1, 10.0, case[2])[:, None]
+    w = (torch.rand(case[3]) + 0.5, torch.rand(case[3]) + 0.5)
+    ref32 = reference.attention(q, k, v, *w)
+    lp = [t.to(dtype) for t in (q, k, v, *w)]
+    out = kernels.attention(*lp, k_norm="scores")
+    assert_close_to_fp32(out, reference.attention(*lp), ref32, dtype)
+
+
 def test_softmax_is_over_all_keys_including_the_tail() -> None:
     """A key in the masked tail block must count: put the only relevant value at the last row."""
     B, H, N, Dh = 1, 1, 65, 16  # 65 = one full block of 64 + a tail of 1
@@ -66,5 +82,7 @@ def test_bad_inputs_are_refused() -> None:
         kernels.attention(q, q, torch.randn(1, 1, 5, 16))
     with pytest.raises(ValueError, match="both"):
         kernels.attention(q, q, q, torch.ones(16), None)
+    with pytest.raises(ValueError, match="k_norm"):
+        kernels.attention(q, q, q, torch.ones(16), torch.ones(16), k_norm="values")
     with pytest.raises(ValueError, match="head dim"):
         kernels.attention(*(torch.randn(1, 1, 2, 160),) * 3)

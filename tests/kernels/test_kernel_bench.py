@@ -1,0 +1,31 @@
+"""kernels.bench's rows, built on the CPU (the Triton interpreter) with a stand-in timer: the
+GPU run is the only place it is timed, so a broken row must show up here first."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from kernels import bench
+
+
+def test_attention_row_times_every_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Any] = []
+
+    def once(fn: Callable[[], Any], *a: Any) -> float:
+        calls.append(fn())  # each variant runs for real once
+        return 2.0
+
+    monkeypatch.setattr(bench, "_bench", once)
+    row = bench.bench_attention("cpu", torch.float32, 1, 2, 64, 32)
+    variants = ("triton", "triton_scores", "torch", "sdpa_no_norm")
+    assert len(calls) == len(variants) and all(c.shape == (1, 2, 64, 32) for c in calls)
+    # the two Triton variants and the reference compute the same attention
+    torch.testing.assert_close(calls[0], calls[2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(calls[1], calls[2], atol=1e-4, rtol=0)
+    for key in variants:
+        assert row[f"{key}_ms"] == 2.0
+        assert row[f"{key}_tflops"] == pytest.approx(4 * 2 * 64 * 64 * 32 / 2.0 / 1e9)
