@@ -128,18 +128,32 @@ def _attention_kernel(
 _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _blocks(N: int, Dh: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every block dim >= 16.
+SMEM_LIMIT = 232448  # bytes of shared memory per block on an H100 (Triton's "hardware limit")
+
+
+def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, itemsize: int) -> int:
+    """Shared memory the kernel asks for: the q block, and K and V blocks for each pipeline
+    stage. Triton counted 262144 for 128 x 64 x 128 fp32 blocks at 3 stages on an H100, which
+    this gives exactly."""
+    return (block_m + 2 * stages * block_n) * block_d * itemsize
+
+
+def _blocks(N: int, Dh: int, itemsize: int = 2) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). tl.dot needs every block dim >= 16.
 
     Head dims up to 64: 64 x 64 blocks, 4 warps. Wider heads (DiT-XL/2's 72 pads to 128): 128
     queries per program over 64-key blocks with 8 warps, the fastest of 24 configurations swept
     on an H100 at DiT-XL/2's shape (`bench.gpu_check` part asweep), 3x faster than the 32-query
     blocks used before; for head dim 64 the sweep's best was within 5% of the 64 x 64 choice.
+    fp32 blocks that wide do not fit in shared memory at 3 stages: 64 queries and 2 stages.
     """
     block_d = max(16, triton.next_power_of_2(Dh))
     block_n = max(16, min(64, triton.next_power_of_2(N)))
     block_m = max(16, min(64 if block_d <= 64 else 128, triton.next_power_of_2(N)))
-    return block_m, block_n, block_d, 4 if block_d <= 64 else 8
+    warps, stages = (4, 3) if block_d <= 64 else (8, 3)
+    if smem_bytes(block_m, block_n, block_d, stages, itemsize) > SMEM_LIMIT:
+        block_m, stages = min(block_m, 64), 2
+    return block_m, block_n, block_d, warps, stages
 
 
 def attention(
@@ -185,11 +199,9 @@ def attention(
         raise TypeError(f"q, k, v need one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = out if out is not None else torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
-    block_m, block_n, block_d, warps = _blocks(N, Dh)
-    stages = {}
+    block_m, block_n, block_d, warps, n_stages = _blocks(N, Dh, q.element_size())
     if config is not None:
         block_m, block_n, warps, n_stages = config
-        stages = {"num_stages": n_stages}
     qk_norm = q_weight is not None
     if k_norm not in ("keys", "scores"):
         raise ValueError(f"k_norm must be 'keys' or 'scores', got {k_norm!r}")
@@ -238,6 +250,6 @@ def attention(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         num_warps=warps,
-        **stages,
+        num_stages=n_stages,
     )
     return o

@@ -86,3 +86,17 @@ def test_bad_inputs_are_refused() -> None:
         kernels.attention(q, q, q, torch.ones(16), torch.ones(16), k_norm="values")
     with pytest.raises(ValueError, match="head dim"):
         kernels.attention(*(torch.randn(1, 1, 2, 160),) * 3)
+
+
+def test_default_blocks_fit_in_an_h100s_shared_memory() -> None:
+    """The H100 refused fp32 (TF32) attention at head dims 72 and 128 with 128 x 64 blocks at 3
+    stages: 262144 bytes asked, 232448 the limit. Every default choice now fits."""
+    from kernels.attention_kernel import SMEM_LIMIT, _blocks, smem_bytes
+
+    assert smem_bytes(128, 64, 128, 3, 4) == 262144  # Triton's own count in that report
+    for itemsize in (2, 4):
+        for Dh in range(1, 129):
+            for N in (1, 49, 77, 256, 1024):
+                m, n, d, _, stages = _blocks(N, Dh, itemsize)
+                assert smem_bytes(m, n, d, stages, itemsize) <= SMEM_LIMIT, (itemsize, Dh, N)
+    assert _blocks(256, 72, 2) == (128, 64, 128, 8, 3)  # bf16 keeps the swept choice
