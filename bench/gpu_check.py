@@ -52,7 +52,7 @@ PARTS: list[tuple[str, int]] = [
     ("kernels", 80),
     ("model", 170),
     ("profile", 60),
-    ("kbench", 60),
+    ("kbench", 90),
     ("engine", 110),
     ("pytest", 90),
     ("quality", 50),

@@ -82,16 +82,16 @@ def _norm_cases(
 def _attention_cases(
     dt: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor
 ) -> list[dict[str, Any]]:
-    """The attention kernel (QK-norm weight w for both) on one input set; fp32 twice: IEEE
-    dots against the usual bound, TF32 dots against TF32_BOUND."""
+    """The attention kernel (QK-norm weight w for both) on one input set, with K's norm on the
+    keys (the default) and on the scores; fp32 also with TF32 dots, against TF32_BOUND."""
     from kernels import triton_ops as K
 
     B, H, N, Dh = q.shape
     q64, k64, v64, w64 = (t.double() for t in (q, k, v, w))
 
-    def attn(prec: str) -> torch.Tensor:
+    def attn(prec: str, k_norm: str = "keys") -> torch.Tensor:
         o = torch.full((B, N, H, Dh), float("nan"), dtype=q.dtype, device=q.device).transpose(1, 2)
-        return K.attention(q, k, v, w, w, out=o, fp32_precision=prec)
+        return K.attention(q, k, v, w, w, out=o, fp32_precision=prec, k_norm=k_norm)
 
     def ref64() -> torch.Tensor:
         return reference.attention(q64, k64, v64, w64, w64)
@@ -100,6 +100,8 @@ def _attention_cases(
         return reference.attention(q, k, v, w, w)
 
     rows = [_case("attention", dt, (B, H, N, Dh), lambda: attn("ieee"), lowp, ref64)]
+    rows.append(_case("attention", dt, (B, H, N, Dh), lambda: attn("ieee", "scores"), lowp, ref64,
+                      note="k_norm=scores"))  # fmt: skip
     if dt == torch.float32:
         rows.append(_case("attention", dt, (B, H, N, Dh), lambda: attn("tf32"), lowp, ref64,
                           bound=TF32_BOUND, note="fp32_precision=tf32"))  # fmt: skip

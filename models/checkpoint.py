@@ -217,5 +217,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     net.load_state_dict(tensors)
     model = TrigFlow(net, card.sigma_d).to(device).eval()
     model.requires_grad_(False)
+    net.pack_modulation()  # after the move to the device (DiT.pack_modulation)
     model.guidance = card.guidance
     return model, card

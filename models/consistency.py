@@ -72,6 +72,9 @@ class TrigFlow(nn.Module):
         `dtype`: its input is cast on the way in and its output back to x's dtype, so the
         skip path cos(t)·x_t and the samplers' state stay fp32."""
         self.net.to(dtype)
+        pack = getattr(self.net, "pack_modulation", None)
+        if pack is not None:  # after the cast, which gave every weight storage of its own
+            pack()
         self.compute_dtype = dtype
         return self
 

@@ -116,6 +116,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_ada = nn.Linear(D, 2 * D)
         self.out = nn.Linear(D, p * p * cfg.channels)
+        # (weight [depth·6D + 2D, D], bias) that every adaLN projection's parameters are views
+        # of, once `pack_modulation` ran; not a buffer: state dicts keep the per-layer names
+        self._ada_pack: tuple[torch.Tensor, torch.Tensor] | None = None
         self._init()
 
     def _init(self) -> None:
@@ -144,6 +147,53 @@ class DiT(nn.Module):
     def null_class(self) -> int:
         return self.cfg.num_classes
 
+    def _ada_linears(self) -> list[nn.Linear]:
+        blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+        return [blk.ada for blk in blocks] + [self.final_ada]
+
+    def pack_modulation(self) -> None:
+        """Lay every adaLN projection (each block's and the final layer's) out as rows of one
+        weight, so that forward computes all the modulations with one matmul, [B, D] x
+        [D, depth·6D + 2D], instead of depth + 1 small ones (on a GPU at batch 1 each is a
+        launch that reads its weights; together they hold a third of DiT-B/2's). The parameters
+        keep their names and shapes as views of that weight, so state dicts and
+        `load_state_dict` are unchanged. Call it after any `.to()`: moving a module gives every
+        parameter storage of its own again, and forward then falls back to one matmul each."""
+        lins = self._ada_linears()
+        w = torch.cat([lin.weight.detach() for lin in lins])
+        b = torch.cat([lin.bias.detach() for lin in lins])
+        row = 0
+        for lin in lins:
+            n = lin.weight.shape[0]
+            lin.weight.data, lin.bias.data = w[row : row + n], b[row : row + n]
+            row += n
+        self._ada_pack = (w, b)
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The packed (weight, bias) while the projections are still its views."""
+        if self._ada_pack is None:
+            return None
+        w, b = self._ada_pack
+        lins = self._ada_linears()
+        first, last = lins[0], lins[-1]
+        same = (
+            first.weight.data_ptr() == w.data_ptr()
+            and last.bias.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        )
+        return (w, b) if same else None
+
+    def modulations(self, c: torch.Tensor) -> tuple[list[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+        """c: [B, D] (SiLU-activated) -> (each block's 6 modulation tensors, the final layer's
+        (shift, scale)), each [B, D]."""
+        packed = self._packed()
+        if packed is None:
+            blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+            return [blk.modulation(c) for blk in blocks], tuple(self.final_ada(c).chunk(2, dim=-1))
+        D = self.cfg.width
+        m = F.linear(c, *packed)  # [B, depth·6D + 2D]
+        per_block = [mb.chunk(6, dim=-1) for mb in m[:, : -2 * D].split(6 * D, dim=-1)]
+        return per_block, tuple(m[:, -2 * D :].chunk(2, dim=-1))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W]; t: [B] fp32 radians; y: [B] int64 in [0, num_classes] -> [B, C, H, W]."""
         B, C, H, W = x.shape
@@ -156,9 +206,9 @@ class DiT(nn.Module):
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.y_embed(y)
         c = F.silu(c)  # [B, D]
         blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]
-        mods = [blk.modulation(c) for blk in blocks]
+        mods, final = self.modulations(c)
         # the norm after each block is the next block's first (shift1, scale1), or the final one
-        norms = [m[:2] for m in mods[1:]] + [tuple(self.final_ada(c).chunk(2, dim=-1))]
+        norms = [m[:2] for m in mods[1:]] + [final]
         x_res, h = h, kernels.adaln_norm(h, mods[0][0], mods[0][1])
         for blk, mod, (shift, scale) in zip(blocks, mods, norms, strict=True):
             x_res, h = blk(x_res, h, mod, shift, scale)

@@ -252,3 +252,17 @@ def test_merge_takes_each_part_from_the_later_run_that_ran_it() -> None:
     assert [r["time"] for r in mm["runs"]] == ["t1", "t2", "t3"]
     with pytest.raises(ValueError, match="different devices"):
         merge([first, {**second, "device": "GPU Y"}])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_part_checks_both_k_norm_placements(dtype: torch.dtype) -> None:
+    """gpu-check's kernels part runs attention with K's norm on the keys and on the scores (and
+    fp32 with TF32 dots too), each against the float64 reference; here on the interpreter."""
+    from bench.gpu_kernels import _attention_cases
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 49, 32).to(dtype) for _ in range(3))
+    rows = _attention_cases(dtype, q, k, v, (torch.rand(32) + 0.5).to(dtype))
+    notes = [r.get("note", "") for r in rows]
+    assert notes == ["", "k_norm=scores", *(["fp32_precision=tf32"] if dtype == torch.float32 else [])]
+    assert all(r["ok"] and "error" not in r for r in rows), rows

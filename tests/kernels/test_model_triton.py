@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kernels
@@ -23,8 +24,12 @@ def _model() -> TrigFlow:
 
 
 @torch.no_grad()
-def test_two_step_sample_with_triton_kernels_matches_torch() -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["per-layer", "packed-modulation"])
+def test_two_step_sample_with_triton_kernels_matches_torch(packed: bool) -> None:
+    # packed: the norms read their shift/scale/gate as strided column slices of one matmul's out
     m = _model()
+    if packed:
+        m.net.pack_modulation()  # type: ignore[operator]
     noise = torch.randn(2, 3, 1, 28, 28)
     y = torch.tensor([1, 5, 10])
     times = torch.tensor(DEFAULT_SCHEDULES[2])

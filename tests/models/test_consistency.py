@@ -60,6 +60,45 @@ def test_residual_stream_reaches_the_fused_norms_contiguous(monkeypatch: pytest.
     assert len(seen) == 1 + 2 * m.net.cfg.depth and all(seen)
 
 
+@torch.no_grad()
+def test_packed_modulation_is_one_matmul_with_the_same_result() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.n += func.__name__.split(".")[0] in ("addmm", "mm")
+            return func(*args, **(kwargs or {}))
+
+    m = _model()
+    net = m.net
+    names = {k: v.clone() for k, v in net.state_dict().items()}
+    x, t, y = torch.randn(3, 1, 28, 28), torch.full((3,), 1.0), torch.tensor([1, 2, 10])
+    with Matmuls() as per_layer:
+        a = net(x, t, y)
+    net.pack_modulation()
+    with Matmuls() as packed:
+        b = net(x, t, y)
+    # depth + 1 projections (every block's and the final layer's) became one
+    assert per_layer.n - packed.n == net.cfg.depth
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    # checkpoints see the same names, shapes and values
+    sd = net.state_dict()
+    assert sd.keys() == names.keys() and all(torch.equal(sd[k], v) for k, v in names.items())
+    # loading weights writes through the views: the packed matmul uses the new ones
+    other = _model(seed=1).net
+    net.load_state_dict(other.state_dict())
+    assert net._packed() is not None
+    torch.testing.assert_close(net(x, t, y), other(x, t, y), atol=1e-6, rtol=0)
+    # moving the module gives each parameter its own storage: back to one matmul per layer
+    net.to(torch.float64)
+    assert net._packed() is None
+    torch.testing.assert_close(net(x.double(), t, y).float(), other(x, t, y), atol=1e-5, rtol=0)
+
+
 def test_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(image_size=28, patch_size=5)
