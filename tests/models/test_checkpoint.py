@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.placeholder import build_placeholder
 
 
@@ -25,6 +25,10 @@ def test_roundtrip_keeps_weights_and_card(ckpt: Path) -> None:
     saved = load_file(str(ckpt.with_suffix(".safetensors")))
     for k, v in model.net.state_dict().items():
         assert torch.equal(v, saved[k])
+    # loaded, the adaLN projections are views of one packed weight; saved again, each is its own
+    assert model.net._packed() is not None  # type: ignore[operator]
+    again = save_checkpoint(ckpt.parent / "again", model, card)
+    assert again.with_suffix(".safetensors").read_bytes() == ckpt.with_suffix(".safetensors").read_bytes()
 
 
 def _edit(ckpt: Path, fn) -> None:  # type: ignore[no-untyped-def]
