@@ -94,9 +94,10 @@ gpu-check:
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) TRITON_INTERPRET=0 $(GPU_PY) -m bench.gpu_check --out $(GPU_OUT) \
 		--budget $(GPU_BUDGET)
 
-# manylinux wheels for CPython 3.12 (the GPU hosts' Python) of what those hosts lack, checked complete
+# manylinux wheels for CPython 3.12 (the GPU hosts' Python) of what those hosts lack, checked complete,
+# the large ones re-compressed to keep tree + wheels under the 64 MiB a device call carries
 gpu-wheels:
-	python3 -m bench.gpu_wheels --dir .whl
+	python3 -m bench.gpu_wheels --dir .whl --repack
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

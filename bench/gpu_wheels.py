@@ -1,6 +1,6 @@
 """Wheels for a GPU host that has its own Python and CUDA torch but no network (`make gpu-wheels`).
 
-    python3 -m bench.gpu_wheels [--dir .whl]
+    python3 -m bench.gpu_wheels [--dir .whl] [--repack]
 
 Downloads manylinux wheels for CPython 3.12 of what such a host lacks (no dependencies pulled:
 `pip download --no-deps`), then checks the set is complete: every requirement of every wheel
@@ -82,6 +82,27 @@ def missing(folder: Path) -> dict[str, list[str]]:
     return gaps
 
 
+def repack(folder: Path, min_bytes: int = 1 << 20) -> int:
+    """Re-compress the wheels of at least `min_bytes` with LZMA (pip reads any zip method), to
+    keep the working tree and the wheels under what one device call carries (64 MiB); returns
+    the bytes saved. Wheels already in LZMA are left as they are."""
+    saved = 0
+    for w in sorted(folder.glob("*.whl")):
+        if w.stat().st_size < min_bytes:
+            continue
+        with zipfile.ZipFile(w) as z:
+            infos = z.infolist()
+            if all(i.compress_type == zipfile.ZIP_LZMA for i in infos):
+                continue
+            tmp = w.with_suffix(".tmp")
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_LZMA) as out:
+                for i in infos:
+                    out.writestr(i, z.read(i), compress_type=zipfile.ZIP_LZMA)
+        saved += w.stat().st_size - tmp.stat().st_size
+        tmp.replace(w)
+    return saved
+
+
 def download(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
@@ -95,10 +116,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=".whl")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--repack", action="store_true", help="re-compress the large wheels with LZMA (repack)")
     args = ap.parse_args()
     folder = Path(args.dir)
     if not args.check_only:
         download(folder)
+    if args.repack:
+        print(f"re-compressed with LZMA: {repack(folder) / 2**20:.1f} MiB saved")
     gaps = missing(folder)
     got = sorted(wheel_name(w) for w in folder.glob("*.whl"))
     lacking = sorted(set(map(normalize, WHEELS)) - set(got))

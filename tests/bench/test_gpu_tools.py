@@ -266,3 +266,25 @@ def test_kernel_part_checks_both_k_norm_placements(dtype: torch.dtype) -> None:
     notes = [r.get("note", "") for r in rows]
     assert notes == ["", "k_norm=scores", *(["fp32_precision=tf32"] if dtype == torch.float32 else [])]
     assert all(r["ok"] and "error" not in r for r in rows), rows
+
+
+def test_repack_keeps_every_file_and_shrinks_large_wheels(tmp_path: Path) -> None:
+    import zipfile
+
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(3000)).encode()
+    big, small = tmp_path / "big-1.0-py3-none-any.whl", tmp_path / "small-1.0-py3-none-any.whl"
+    for path, n in ((big, 4), (small, 1)):
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+            for i in range(n):
+                z.writestr(f"pkg/m{i}.py", text)
+            z.writestr("pkg-1.0.dist-info/METADATA", "Name: pkg\n")
+    before = {p.name: p.stat().st_size for p in (big, small)}
+    saved = gpu_wheels.repack(tmp_path, min_bytes=before["small-1.0-py3-none-any.whl"] + 1)
+    assert saved == before[big.name] - big.stat().st_size > 0
+    assert small.stat().st_size == before[small.name]  # under the threshold: untouched
+    with zipfile.ZipFile(big) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_LZMA}
+        assert z.read("pkg/m3.py") == text and z.read("pkg-1.0.dist-info/METADATA") == b"Name: pkg\n"
+    size = big.stat().st_size
+    assert gpu_wheels.repack(tmp_path, min_bytes=small.stat().st_size + 1) == 0  # already LZMA
+    assert big.stat().st_size == size
