@@ -200,8 +200,7 @@ class DiT(nn.Module):
         p = self.cfg.patch_size
         # pos first: the sum takes the layout of its first operand where strides tie, so the
         # residual stream comes out contiguous [B, N, D] rather than in the conv's [B, D, N]
-        # order, which every fused norm would otherwise copy (a transposing copy of the whole
-        # stream per forward)
+        # order, which the first two fused norms would otherwise each copy (transposing)
         h = self.pos + self.patch(x).flatten(2).transpose(1, 2)  # [B, N, D]
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.y_embed(y)
         c = F.silu(c)  # [B, D]
