@@ -175,8 +175,8 @@ def attention(
     Triton's own default and what an fp32 `tl.dot` silently does on NVIDIA GPUs. Ignored for
     bf16/fp16, which always use the tensor cores.
     config: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the default choice (benchmarks).
-    k_norm: where K's RMSNorm is applied, 'keys' or 'scores' (the module docstring); the same
-    result up to rounding. 'keys' stays the default until a GPU run measures 'scores' faster.
+    k_norm: where K's RMSNorm is applied, 'keys' (the default) or 'scores' (the module
+    docstring); the same result up to rounding. `kernels.bench` times both.
 
     The default output is a [B, H, N, Dh] view of a contiguous [B, N, H, Dh] buffer, so the
     caller's transpose(1, 2).reshape(B, N, H*Dh) costs nothing.
