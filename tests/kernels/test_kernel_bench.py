@@ -29,3 +29,18 @@ def test_attention_row_times_every_variant(monkeypatch: pytest.MonkeyPatch) -> N
     for key in variants:
         assert row[f"{key}_ms"] == 2.0
         assert row[f"{key}_tflops"] == pytest.approx(4 * 2 * 64 * 64 * 32 / 2.0 / 1e9)
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def once(fn: Callable[[], Any], *a: Any) -> float:
+        fn()
+        return 2.0
+
+    def broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(bench, "_bench", once)
+    monkeypatch.setattr(bench.reference, "attention", broken)
+    row = bench.bench_attention("cpu", torch.float32, 1, 1, 16, 16)
+    assert row["torch_error"] == "RuntimeError: no kernel for this shape" and "torch_ms" not in row
+    assert row["triton_ms"] == row["triton_scores_ms"] == row["sdpa_no_norm_ms"] == 2.0
