@@ -194,14 +194,27 @@ class DiT(nn.Module):
         per_block = [mb.chunk(6, dim=-1) for mb in m[:, : -2 * D].split(6 * D, dim=-1)]
         return per_block, tuple(m[:, -2 * D :].chunk(2, dim=-1))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding plus position: x [B, C, H, W] -> the residual stream [B, N, D],
+        contiguous (every fused norm would otherwise copy it first).
+
+        The stride-p conv `self.patch` (kept for the checkpoints' names) runs as one matmul over
+        the patches, [B·N, C·p·p] x [C·p·p, D], with its bias in the matmul: the conv's output
+        is in [B, D, N] order and its bias a separate pass, and on a GPU cuDNN's kernel for this
+        shape was slow."""
+        B, C, H, W = x.shape
+        p, g = self.cfg.patch_size, H // self.cfg.patch_size
+        # [B, C, g, p, g, p] -> [B, g·g, C·p·p]: tokens row-major over the grid, features in the
+        # conv weight's (C, p, p) order; a copy of the input, which is small
+        patches = x.view(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+        w = self.patch.weight.view(self.cfg.width, C * p * p)
+        return self.pos + F.linear(patches, w, self.patch.bias)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W]; t: [B] fp32 radians; y: [B] int64 in [0, num_classes] -> [B, C, H, W]."""
         B, C, H, W = x.shape
         p = self.cfg.patch_size
-        # pos first: the sum takes the layout of its first operand where strides tie, so the
-        # residual stream comes out contiguous [B, N, D] rather than in the conv's [B, D, N]
-        # order, which the first two fused norms would otherwise each copy (transposing)
-        h = self.pos + self.patch(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        h = self.embed(x)  # [B, N, D]
         c = self.t_mlp(timestep_embedding(t, self.cfg.width).to(h.dtype)) + self.y_embed(y)
         c = F.silu(c)  # [B, D]
         blocks: list[Block] = list(self.blocks)  # type: ignore[arg-type]

@@ -99,6 +99,23 @@ def test_packed_modulation_is_one_matmul_with_the_same_result() -> None:
     torch.testing.assert_close(net(x.double(), t, y).float(), other(x, t, y), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [PRESETS["tiny"], DiTConfig(image_size=32, channels=4, patch_size=2, width=64, depth=1, num_heads=2)],
+    ids=["mnist-like", "latent-like"],
+)
+def test_patch_embedding_as_a_matmul_is_the_conv(cfg: DiTConfig) -> None:
+    torch.manual_seed(0)
+    net = DiT(cfg)
+    x = torch.randn(3, cfg.channels, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        net.patch.bias.normal_()  # type: ignore[union-attr]
+        conv = net.patch(x).flatten(2).transpose(1, 2) + net.pos  # [B, N, D], the conv's way
+        h = net.embed(x)
+    assert h.shape == conv.shape and h.is_contiguous()
+    torch.testing.assert_close(h, conv, atol=1e-5, rtol=1e-5)
+
+
 def test_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(image_size=28, patch_size=5)
