@@ -105,6 +105,8 @@ class Block(nn.Module):
 
 
 class DiT(nn.Module):
+    pos: torch.Tensor  # [1, N, D] sin-cos position embedding (a buffer)
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.cfg = cfg
