@@ -37,6 +37,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -174,17 +175,48 @@ def _save(out: Path, name: str, value: Any) -> None:
     tmp.replace(out / f"part-{name}.json")
 
 
+TAG = "CMSERVE_GPU_CHECK_PART"  # set in each part's environment; its descendants inherit it
+
+
 def _spawn(cmd: list[str], timeout: float, env: dict[str, str]) -> tuple[int, str]:
-    """Run cmd in a new process group; on timeout kill the whole group (servers included)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         start_new_session=True)  # fmt: skip
-    try:
-        out, _ = p.communicate(timeout=timeout)
-        return p.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        return 124, (out or "") + f"\n[killed after {timeout:.0f} s]"
+    """Run cmd in a new process group; on timeout kill the whole group. Then kill whatever it
+    started in a session of its own and left running (the benches' servers: `bench.procs.Proc`
+    starts each in a new session, out of the group's reach), found by a tag in the environment
+    every descendant inherits."""
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    # output to a file, not a pipe: a server left running would hold a pipe open past the part
+    with tempfile.TemporaryFile() as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, TAG: tag},
+                             start_new_session=True)  # fmt: skip
+        try:
+            rc = p.wait(timeout=timeout)
+            note = ""
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rc, note = 124, f"\n[killed after {timeout:.0f} s]"
+        left = kill_tagged(tag)
+        if left:
+            note += f"\n[killed {len(left)} process(es) it left running: {left}]"
+        log.seek(0)
+        return rc, log.read().decode(errors="replace") + note
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every process whose environment holds TAG=tag; returns their pids."""
+    needle = f"{TAG}={tag}".encode()
+    killed = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(d.name), signal.SIGKILL)
+            killed.append(int(d.name))
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+    return sorted(killed)
 
 
 def part_command(name: str, work: Path, deadline: float) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.loadgen import closed_loop, open_loop_clients, run
-from bench.procs import Proc, histogram_buckets, sample_sum
+from bench.procs import Proc, histogram_buckets, sample_sum, stop_live
 from bench.sampler import RawClock, bench_sampler, machine
 
 T = TypeVar("T")
@@ -329,6 +329,7 @@ class ServerBench:
         finally:
             self.clock.close()
             self.stop_servers()  # only after an error is anything left
+            stop_live()  # servers still starting (start's threads) when an error or SIGTERM came
             if self.pool is not None:
                 self.pool.shutdown()
         self.summary(result)

@@ -3,6 +3,7 @@ and reading a Prometheus scrape with prometheus_client's own parser."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -51,7 +52,9 @@ def histogram_buckets(text: str, name: str, **labels: str) -> dict[float, float]
 
 class Proc:
     """`cmd --port P` in its own process group (LitServe forks workers, and stop() must take them
-    all down), waited for until `ready_path` answers 200."""
+    all down), waited for until `ready_path` answers 200. Until stopped it is in LIVE, which the
+    interpreter's exit stops: a bench ended by SIGTERM (SystemExit) or an error while servers
+    were still starting takes them down too."""
 
     def __init__(self, cmd: list[str], ready_path: str, log: Path, ready_timeout: float = 180) -> None:
         self.port = free_port()
@@ -63,6 +66,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        LIVE.add(self)
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.proc.poll() is not None:
@@ -94,6 +98,7 @@ class Proc:
             os.killpg(self.proc.pid, sig)  # the pid is its process group id (start_new_session)
 
     def stop(self) -> None:
+        LIVE.discard(self)
         pgid = self.proc.pid  # == its process group id (start_new_session)
         self.resume()  # a stopped process would only act on SIGTERM once continued
         for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
@@ -108,3 +113,12 @@ class Proc:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)  # stragglers of the group
             return
+
+
+LIVE: set[Proc] = set()  # started and not yet stopped
+
+
+@atexit.register
+def stop_live() -> None:
+    for proc in list(LIVE):
+        proc.stop()

@@ -133,23 +133,35 @@ def test_profile_classes_and_summary() -> None:
     assert top == [("nvjet_a", 2, 0.8), ("_attention_kernel", 1, 0.1)]
 
 
-def test_part_past_its_limit_is_killed_with_its_children(tmp_path: Path) -> None:
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    # gone, or a zombie waiting for init to reap it: either way no longer running
+    return status.exists() and "State:\tZ" not in status.read_text()
+
+
+@pytest.mark.parametrize("part_sleeps", [60, 0], ids=["past-its-limit", "exits-leaving-a-server"])
+def test_part_is_killed_with_everything_it_started(tmp_path: Path, part_sleeps: int) -> None:
+    """A child in the part's process group, and one in a session of its own (as the benches
+    start their servers), are both gone once the part is: killed at its limit, or exited."""
     pidfile = tmp_path / "child.pid"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     script = (
         "import subprocess, sys, time\n"
-        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        f"open({str(pidfile)!r}, 'w').write(str(c.pid))\n"
-        "time.sleep(60)\n"
+        f"a = subprocess.Popen({sleeper!r})\n"
+        f"b = subprocess.Popen({sleeper!r}, start_new_session=True)\n"
+        f"open({str(pidfile)!r}, 'w').write(f'{{a.pid}} {{b.pid}}')\n"
+        f"time.sleep({part_sleeps})\n"
     )
     t0 = time.monotonic()
     rc, log = gpu_check._spawn([sys.executable, "-c", script], 3.0, dict(os.environ))
-    assert rc == 124 and "killed after 3 s" in log
     assert time.monotonic() - t0 < 20
-    child = int(pidfile.read_text())
+    in_group, own_session = map(int, pidfile.read_text().split())
+    if part_sleeps:
+        assert rc == 124 and "killed after 3 s" in log
+    else:
+        assert rc == 0 and f"left running: {sorted([in_group, own_session])}" in log
     time.sleep(0.2)
-    status = Path(f"/proc/{child}/status")
-    # gone, or a zombie waiting for init to reap it: either way no longer running
-    assert not status.exists() or "State:\tZ" in status.read_text()
+    assert not _running(in_group) and not _running(own_session)
 
 
 def test_wheel_set_check_finds_a_missing_requirement(tmp_path: Path) -> None:
@@ -288,3 +300,31 @@ def test_repack_keeps_every_file_and_shrinks_large_wheels(tmp_path: Path) -> Non
     size = big.stat().st_size
     assert gpu_wheels.repack(tmp_path, min_bytes=small.stat().st_size + 1) == 0  # already LZMA
     assert big.stat().st_size == size
+
+
+def test_a_server_still_starting_is_stopped_by_stop_live(tmp_path: Path) -> None:
+    """A bench ended by SIGTERM or an error while a server was still starting (in another
+    thread, as the server bench starts them all at once) takes that server down too."""
+    import threading
+
+    from bench import procs
+
+    errors: list[Exception] = []
+
+    def start() -> None:
+        try:
+            procs.Proc([sys.executable, "-c", "import time; time.sleep(60)"], "/readyz", tmp_path / "log", 30)
+        except Exception as e:  # the server died before it was ready
+            errors.append(e)
+
+    t = threading.Thread(target=start)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not procs.LIVE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (proc,) = procs.LIVE
+    procs.stop_live()
+    t.join(10)
+    assert not t.is_alive() and not procs.LIVE
+    assert len(errors) == 1 and "exited" in str(errors[0])
+    assert proc.proc.poll() is not None
