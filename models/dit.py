@@ -208,7 +208,7 @@ class DiT(nn.Module):
         p, g = self.cfg.patch_size, H // self.cfg.patch_size
         # [B, C, g, p, g, p] -> [B, g·g, C·p·p]: tokens row-major over the grid, features in the
         # conv weight's (C, p, p) order; a copy of the input, which is small
-        patches = x.view(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+        patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
         w = self.patch.weight.view(self.cfg.width, C * p * p)
         return self.pos + F.linear(patches, w, self.patch.bias)
 
