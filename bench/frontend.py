@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import RunResult, concurrent_loop, run
+from bench.loadgen import ClientProcesses, RunResult, concurrent_loop, run
 from bench.peers import STUB_ENV
 from bench.procs import Proc
 from bench.sampler import machine
@@ -78,31 +76,28 @@ def _client(port: int, concurrency: int, duration: float, seed: int) -> RunResul
     return run(concurrent_loop("127.0.0.1", port, concurrency, duration, seed=seed))
 
 
-def load(port: int, concurrency: int, duration: float, clients: int) -> RunResult:
-    """`concurrency` requests kept in flight by `clients` processes (one event loop sends a few
-    thousand requests per second at most: several front ends need several clients)."""
-    if clients <= 1:
-        return _client(port, concurrency, duration, 0)
-    per = [concurrency // clients + (i < concurrency % clients) for i in range(clients)]
-    with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return RunResult.combined(
-            list(pool.map(_client, [port] * clients, per, [duration] * clients, range(clients)))
-        )
+def load(port: int, concurrency: int, duration: float, clients: ClientProcesses) -> RunResult:
+    """`concurrency` requests kept in flight, split over the client processes (several front
+    ends need several clients)."""
+    k = clients.k
+    per = [concurrency // k + (i < concurrency % k) for i in range(k)]
+    return clients.run(_client, [(port, per[i], duration, i) for i in range(k)])
 
 
-def measure(proc: Proc, concurrency: int, duration: float, clients: int = 1) -> dict[str, Any]:
+def measure(proc: Proc, concurrency: int, duration: float, clients: ClientProcesses) -> dict[str, Any]:
     load(proc.port, concurrency, min(1.0, duration / 4), clients)  # warm
     cpu0, lead0 = group_cpu_s(proc.proc.pid)
     res = load(proc.port, concurrency, duration, clients)
     cpu1, lead1 = group_cpu_s(proc.proc.pid)
     cpu, lead = cpu1 - cpu0, lead1 - lead0
-    # the load's own window: client processes take a while to start, with the server idle
+    # the load's own window: handing the shares to the client processes takes a while, with the
+    # server idle
     wall = res.wall_s
     s = res.summary()
     ok = s["ok"]
     return {
         "concurrency": concurrency,
-        "clients": clients,
+        "clients": clients.k,
         "requests_per_s": round(ok / res.wall_s, 1),
         "server_cpu_cores": round(cpu / wall, 2),
         "requests_per_cpu_s": round(ok / cpu, 1) if cpu else None,
@@ -125,18 +120,22 @@ def bench_frontend(args: argparse.Namespace) -> dict[str, Any]:
     os.environ[STUB_ENV] = "1"  # the peers' engines answer at once too
     result: dict[str, Any] = {"machine": machine(), "duration_s": duration, "servers": {}}
     frontends = [int(k) for k in args.frontends.split(",")]
-    for name, (cmd, ready) in specs(ckpt, frontends).items():
-        if name in PEERS and name not in args.peers.split(","):
-            continue
-        proc = Proc(cmd, ready, tmp / f"{name}.log")
-        try:
-            result["servers"][name] = measure(proc, args.concurrency, duration, args.clients)
-        finally:
-            proc.stop()
-        print(name, result["servers"][name], flush=True)
-        if args.json:  # after each server: a run killed at its time limit keeps what it measured
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    clients = ClientProcesses(args.clients)
+    try:
+        for name, (cmd, ready) in specs(ckpt, frontends).items():
+            if name in PEERS and name not in args.peers.split(","):
+                continue
+            proc = Proc(cmd, ready, tmp / f"{name}.log")
+            try:
+                result["servers"][name] = measure(proc, args.concurrency, duration, clients)
+            finally:
+                proc.stop()
+            print(name, result["servers"][name], flush=True)
+            if args.json:  # after each server: a run killed at its time limit keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        clients.close()
     return result
 
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import signal
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bench.loadgen import closed_loop, open_loop_clients, run
+from bench.loadgen import ClientProcesses, closed_loop, run
 from bench.procs import Proc, histogram_buckets, sample_sum, stop_live
 from bench.sampler import RawClock, bench_sampler, machine
 
@@ -66,18 +65,16 @@ def sweep(
     steps: int = 2,
     min_requests: int = 0,
     classes: int = 10,
-    clients: int = 1,
-    pool: Executor | None = None,
+    clients: ClientProcesses | None = None,
 ) -> list[dict[str, Any]]:
     """Each rate runs for `duration` s, longer where that would send fewer than `min_requests`
-    (at 9 req/s, 5 s is 45 requests: their p99 would be their maximum), sent by `clients`
-    processes of `pool` (bench.loadgen.open_loop_clients)."""
+    (at 9 req/s, 5 s is 45 requests: their p99 would be their maximum), sent by `clients` (one
+    process without)."""
+    clients = clients or ClientProcesses(1)
     rows = []
     for rate in rates:
         before = _request_buckets(proc) if server_hist else {}
-        res = open_loop_clients(
-            proc.port, rate, max(duration, min_requests / rate), steps, classes, clients, pool
-        )
+        res = clients.open_loop(proc.port, rate, max(duration, min_requests / rate), steps, classes)
         row = res.summary()
         if server_hist:
             after = _request_buckets(proc)
@@ -147,7 +144,7 @@ class ServerBench:
         self.min_requests = 0 if args.quick else args.min_requests
         self.procs: dict[str, Proc] = {}
         self.cfgs: dict[str, dict[str, Any]] = {}
-        self.pool: Executor | None = None  # the load's client processes (--clients > 1)
+        self.clients: ClientProcesses | None = None  # the load's client processes
 
     # -- helpers ---------------------------------------------------------------------------------
     def only(self, name: str | None) -> None:
@@ -220,8 +217,7 @@ class ServerBench:
                     2,
                     self.min_requests,
                     self.classes,
-                    self.args.clients,
-                    self.pool,
+                    self.clients,
                 )
                 if name == "cmserve" and (self.fractions[i] >= 0.5 or i == len(rates) - 1):
                     rows, raw_ms = self.around(name, 64, f"at {rate} req/s", one_rate)
@@ -238,9 +234,15 @@ class ServerBench:
         self.only("cmserve")
         at70 = round(0.7 * cm["saturation_images_per_s"], 2)
         cm["at_70pct"] = sweep(
-            self.procs["cmserve"], [at70], self.duration, True, 2, self.min_requests, self.classes,
-            self.args.clients, self.pool,
-        )[0]  # fmt: skip
+            self.procs["cmserve"],
+            [at70],
+            self.duration,
+            True,
+            2,
+            self.min_requests,
+            self.classes,
+            self.clients,
+        )[0]
         if "litserve" in self.cfgs:
             self.cfgs["litserve"]["settings"] = {
                 "max_batch_size": self.args.litserve_max_batch,
@@ -315,9 +317,7 @@ class ServerBench:
             "clients": a.clients,
             "configs": self.cfgs,
         }
-        if a.clients > 1:  # started, and their imports done, before the first timed rate
-            self.pool = ProcessPoolExecutor(a.clients, mp_context=multiprocessing.get_context("spawn"))
-            list(self.pool.map(abs, range(a.clients)))
+        self.clients = ClientProcesses(a.clients)
         try:
             self.start()
             self.idle()
@@ -330,8 +330,7 @@ class ServerBench:
             self.clock.close()
             self.stop_servers()  # only after an error is anything left
             stop_live()  # servers still starting (start's threads) when an error or SIGTERM came
-            if self.pool is not None:
-                self.pool.shutdown()
+            self.clients.close()
         self.summary(result)
         print(json.dumps({k: v for k, v in result.items() if k != "configs"}), flush=True)
         return result

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import random
 import time
-from collections.abc import Coroutine
-from concurrent.futures import Executor
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -167,18 +168,35 @@ def open_loop_client(
     return run(open_loop("127.0.0.1", port, rate, duration_s, seed=seed, body_fn=body_fn))
 
 
-def open_loop_clients(
-    port: int, rate: float, duration_s: float, steps: int, classes: int, clients: int = 1,
-    pool: Executor | None = None,
-) -> RunResult:  # fmt: skip
-    """Poisson arrivals at `rate` req/s from `clients` processes of `pool`, rate/clients each
-    (the sum of independent Poisson streams is one at the sum of their rates), or from this
-    process alone. One event loop sends a few thousand requests per second at most, below what
-    several front-end processes answer."""
-    if clients <= 1 or pool is None:
-        return open_loop_client(port, rate, duration_s, 0, steps, classes)
-    args = [(port, rate / clients, duration_s, seed, steps, classes) for seed in range(clients)]
-    return RunResult.combined(list(pool.map(open_loop_client, *zip(*args, strict=True))))
+class ClientProcesses:
+    """k processes that generate load side by side, each running one share of it, the results
+    combined: one event loop sends a few thousand requests per second at most, below what
+    several front-end processes answer. Spawned once, their imports done before any timed load;
+    with k = 1 the load runs in this process."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.pool: ProcessPoolExecutor | None = None
+        if k > 1:
+            self.pool = ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn"))
+            list(self.pool.map(abs, range(k)))
+
+    def run(self, fn: Callable[..., RunResult], shares: list[tuple[Any, ...]]) -> RunResult:
+        """fn(*share) for each of the k shares (fn at module level), as one result."""
+        if self.pool is None:
+            (share,) = shares
+            return fn(*share)
+        return RunResult.combined(list(self.pool.map(fn, *zip(*shares, strict=True))))
+
+    def open_loop(self, port: int, rate: float, duration_s: float, steps: int, classes: int) -> RunResult:
+        """Poisson arrivals at `rate` req/s, rate/k from each process (the sum of independent
+        Poisson streams is one at the sum of their rates)."""
+        shares = [(port, rate / self.k, duration_s, seed, steps, classes) for seed in range(self.k)]
+        return self.run(open_loop_client, shares)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 async def open_loop(
@@ -196,7 +214,7 @@ async def open_loop(
     body_fn(rng) -> (body, images) or (body, images, class): a class files the latency under it.
     on_answer(status, body): called with every answer (to read what the bodies say)."""
     rng = random.Random(seed)
-    body_fn = body_fn or (lambda r: (make_body(r), 1))
+    body_fn = body_fn or generate_body
     client = RawHTTP(host, port)
     res = RunResult(rate, duration_s)
     tasks: list[asyncio.Task[None]] = []
