@@ -82,12 +82,12 @@ def host_breakdown(g: Any, steps: int, batch: int) -> dict[str, Any]:
     """Where a served batch's time goes, each piece timed alone (ms, device synchronized): the
     per-image seeded noise on the host, pinning it, the runner (copies in, replay with the
     uint8 quantization and finiteness check on the device, copy of the pixels out, which
-    synchronizes), and the whole `Engine.run_batch` they make up; then the accept check the
-    server runs after each batch (None without one)."""
+    synchronizes), and the whole `Engine.run_batch` they make up, the accept check included
+    where the scorer runs on the device; then that check alone as an eager pass over the
+    batch's images (None without a scorer)."""
     labels: list[int | None] = [i % 10 for i in range(batch)]
     seeds = list(range(batch))
     y = torch.tensor(labels, dtype=torch.long)
-    name = g.get().name
 
     def ms(fn: Any, threads: int = 0) -> float:
         def timed() -> float:  # on the compute thread: intra-op threads are set per thread
@@ -110,8 +110,9 @@ def host_breakdown(g: Any, steps: int, batch: int) -> dict[str, Any]:
         "pin_ms": ms(noise().pin_memory) if g.device.type == "cuda" else None,
         "runner_ms": ms(functools.partial(g.runner.run_images, steps, noise(), y)),
         "served_ms": ms(served),
-        # the accept check after the batch (the shipped models' LeNet, on the device)
-        "score_ms": ms(functools.partial(g.score, name, served(), labels)) if g.get().scorer else None,
+        # the accept check as a second, eager pass over the batch's images (the shipped models'
+        # LeNet, on the device); a device scorer runs inside the served batch instead
+        "score_ms": ms(functools.partial(g.get().scorer, served(), labels)) if g.get().scorer else None,
         # the host's small ops with one intra-op thread instead of torch's default (one per core):
         # whether `--torch-threads 1` should be the default beside a GPU
         "torch_threads": g.call(torch.get_num_threads),

@@ -4,13 +4,17 @@ A scorer runs on the engine's compute thread right after the batch that drew the
 the whole batch at once, so it must be cheap next to the sampler. Plug one in with
 `--scorer MODEL=SPEC`, SPEC being a built-in name (`SCORERS`) or `package.module:factory`, a
 callable `factory(card: ModelInfo, device) -> Scorer`.
+
+A scorer that is pure tensor ops can also be a `DeviceScorer`: the runner then scores each batch
+where it samples it, inside the batch's CUDA graph on a GPU, instead of as a second, eager pass
+over images copied back to the host.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -23,6 +27,15 @@ class Scorer(Protocol):
     def __call__(self, images: np.ndarray, labels: list[int | None]) -> np.ndarray:
         """images: uint8 [B, H, W, C] as served; labels: each image's requested class or None.
         -> float [B] in [0, 1], higher is better."""
+        ...
+
+
+@runtime_checkable
+class DeviceScorer(Scorer, Protocol):
+    def score_tensor(self, images: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+        """images: uint8 [B, H, W, C] on the scorer's device; asked: int64 [B], each image's
+        requested class or -1 for none -> float32 [B], what `__call__` gives for them. Tensor
+        ops only, with no copy to or from the host, so that it can be captured in a graph."""
         ...
 
 
@@ -39,13 +52,17 @@ class ClassifierScorer:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, labels: list[int | None]) -> np.ndarray:
+        asked = torch.tensor([-1 if y is None else y for y in labels], device=self.device)
+        scores = self.score_tensor(torch.from_numpy(images).to(self.device), asked)
+        return scores.cpu().numpy().astype(np.float64)
+
+    def score_tensor(self, images: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
         # uint8 [B, 28, 28, 1] -> the classifier's [-0.5, 0.5] range, [B, 1, 28, 28]
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255.0 - 0.5
-        p = torch.softmax(self.net(x), dim=1)
+        x = images.permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        p = torch.softmax(self.net(x), dim=1)  # [B, 10]
         best = p.max(dim=1).values
-        want = torch.tensor([-1 if y is None else y for y in labels], device=p.device)
-        asked = p.gather(1, want.clamp(min=0)[:, None])[:, 0]
-        return torch.where(want >= 0, asked, best).cpu().numpy().astype(np.float64)
+        of_asked = p.gather(1, asked.clamp(min=0)[:, None])[:, 0]
+        return torch.where(asked >= 0, of_asked, best)
 
 
 SCORERS: dict[str, Callable[[ModelInfo, torch.device | str], Scorer]] = {"mnist-lenet": ClassifierScorer}

@@ -31,7 +31,7 @@ from models.editing import Constraint, RowEdit, batch_constraint, slerp
 from models.interface import ConsistencyModel, ModelInfo
 from models.load import load_model
 from models.placeholder import build_placeholder
-from models.scorers import Scorer, load_scorer
+from models.scorers import DeviceScorer, Scorer, load_scorer
 from server.metrics import Metrics
 from server.runner import SamplerRunner, reserved_bytes
 from server.settings import SHIPPED_SCORER, SHIPPED_TEACHER, Settings
@@ -129,6 +129,8 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="cmserve-compute")
+        # (images, their scores) of the last batch `run_batch` scored on the device
+        self._batch_scores: tuple[np.ndarray, np.ndarray] | None = None
         try:
             self.call(self._load)
         except BaseException:
@@ -182,6 +184,8 @@ class Engine:
             if card.name in self.models:
                 raise ValueError(f"two models are named {card.name!r}; name them: --model NAME=PATH")
             placeholder = placeholder or bool(card.provenance.get("placeholder"))
+            spec = scorers.get(card.name, SHIPPED_SCORER if card.name in shipped else None)
+            scorer = load_scorer(spec, card, self.device) if spec else None
             runner = SamplerRunner(
                 model,
                 card,
@@ -190,6 +194,8 @@ class Engine:
                 use_graphs=use_graphs,
                 dtype=dtype,
                 metrics=self.metrics,
+                # a tensor-op scorer runs where the images are made: in the batch's graph
+                scorer=scorer if isinstance(scorer, DeviceScorer) else None,
             )
             weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
             stepper = None
@@ -197,8 +203,6 @@ class Engine:
                 stepper = StepRunner(
                     model, card, settings.buckets, self.device, use_graphs=use_graphs, metrics=self.metrics
                 )
-            spec = scorers.get(card.name, SHIPPED_SCORER if card.name in shipped else None)
-            scorer = load_scorer(spec, card, self.device) if spec else None
             self.models[card.name] = ServedModel(
                 card, model, runner, placeholder, weights, stepper=stepper, scorer=scorer
             )
@@ -367,9 +371,16 @@ class Engine:
         model: str | None = None,
         edits: list[RowEdit | None] | None = None,
     ) -> np.ndarray:
-        """A served batch, as `sample` draws it: -> uint8 [B, H, W, C], quantized on the device."""
+        """A served batch, as `sample` draws it: -> uint8 [B, H, W, C], quantized on the device.
+        Where the model's scorer runs on the device, the batch is scored there too, and `score`
+        hands those scores out for these images."""
         runner = self.get(model).runner
-        images, finite = runner.run_images(steps, *self._inputs(steps, labels, seeds, model, edits))
+        asked = None
+        if runner.scorer is not None:
+            asked = torch.tensor([-1 if lab is None else lab for lab in labels], dtype=torch.long)
+        inputs = self._inputs(steps, labels, seeds, model, edits)
+        images, finite, scores = runner.run_images(steps, *inputs, asked=asked)
+        self._batch_scores = None if scores is None else (images, scores)
         if not finite.all():
             raise NonFiniteOutput("sampler output holds non-finite values")
         return images
@@ -391,9 +402,15 @@ class Engine:
 
     def score(self, model: str, images: np.ndarray, labels: list[int | None]) -> np.ndarray | None:
         """The accept check of `model` over a batch of its served images (uint8 [B, H, W, C]);
-        None where it has no scorer. On the compute thread, right after the batch."""
+        None where it has no scorer. On the compute thread, right after the batch: the images
+        `run_batch` just returned were scored in its graph, any others are scored here."""
         scorer = self.get(model).scorer
-        return None if scorer is None else scorer(images, labels)
+        if scorer is None:
+            return None
+        drawn = self._batch_scores
+        if drawn is not None and drawn[0] is images:
+            return drawn[1].astype(np.float64)
+        return scorer(images, labels)
 
     # ---- step-level batching (server/step_runner.py) ---------------------------------------
     def step_rows(

@@ -2,11 +2,11 @@
 
 Per (bucket, steps) the runner owns static buffers — noise for every step [S, b, C, H, W],
 labels [b], times [S], the output [b, C, H, W] and its served form (uint8 pixels, per-row
-finiteness) — and zero-argument functions that sample from them into the output: one for
-plain batches and, for consistency models, one under the rows' edit constraints. On CUDA with
-backend 'graph' each is captured into a CUDA graph and replayed; elsewhere they run eagerly.
-Padding, chunking and buffer copies are the same code either way, so the CPU tests exercise
-exactly what the GPU runs.
+finiteness and, with a device scorer, each row's accept-check score) — and zero-argument
+functions that sample from them into the output: one for plain batches and, for consistency
+models, one under the rows' edit constraints. On CUDA with backend 'graph' each is captured into
+a CUDA graph and replayed; elsewhere they run eagerly. Padding, chunking and buffer copies are
+the same code either way, so the CPU tests exercise exactly what the GPU runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from models.editing import Constraint
 from models.grid import quantize
 from models.interface import ConsistencyModel, ModelInfo
 from models.sampler import consistency_sample, ode_sample
+from models.scorers import DeviceScorer
 from server.metrics import Metrics
 
 
@@ -108,6 +109,8 @@ class Slot:
     fn: Callable[[], None]  # sampling with no row edited
     edit: Constraint | None = None  # per-row edit buffers (consistency models)
     edited: Variant | None = None  # sampling under the rows' edit constraints (with `edit`)
+    asked: torch.Tensor | None = None  # [bucket] int64: each row's requested class or -1 (scorer)
+    scores: torch.Tensor | None = None  # [bucket] fp32: the scorer's score of each row's images
     graph: Any = None
     dirty: bool = False  # edit buffers or row times hold a previous batch's edits
 
@@ -131,7 +134,10 @@ class SamplerRunner:
         use_graphs: bool = False,
         dtype: torch.dtype = torch.float32,
         metrics: Metrics | None = None,
+        scorer: DeviceScorer | None = None,
     ) -> None:
+        """scorer: an accept check to run over every batch's images where they are made (in the
+        graph on a GPU); `run_images` then returns its scores."""
         self.model = model
         self.card = card
         self.buckets = sorted(buckets)
@@ -144,6 +150,7 @@ class SamplerRunner:
         # a latent model's images are its decoder's output of the sampled latents
         self.decode = getattr(model, "decode", None)
         self.pad_label = card.pad_label
+        self.scorer = scorer
         self.slots: dict[tuple[int, int], Slot] = {}
         self.capture_s = 0.0
         for mode in ("graph", "eager"):  # every series exported at 0 from the start
@@ -169,6 +176,11 @@ class SamplerRunner:
         c, h, w = self.image_shape
         images = torch.zeros((bucket, h, w, c), dtype=torch.uint8, device=dev)
         finite = torch.zeros((bucket,), dtype=torch.bool, device=dev)
+        scorer = self.scorer
+        asked = scores = None
+        if scorer is not None:
+            asked = torch.full((bucket,), -1, dtype=torch.long, device=dev)
+            scores = torch.zeros((bucket,), dtype=torch.float32, device=dev)
         value_range = self.card.value_range
         model = self.model
 
@@ -180,13 +192,18 @@ class SamplerRunner:
                 # then copies a quarter of the bytes and runs no elementwise op of its own
                 images.copy_(quantize(out, value_range))
                 finite.copy_(torch.isfinite(out).flatten(1).all(1))
+                if scorer is not None:  # the accept check, over the pixels as served
+                    assert asked is not None and scores is not None
+                    scores.copy_(scorer.score_tensor(images, asked))
 
             return fn
 
         if self.card.kind != "consistency":  # a TrigFlow teacher (the only diffusion kind a loader produces)
             velocity, sigma_d = model.ode_velocity, model.sigma_d  # type: ignore[attr-defined]
             fn = serving(lambda: ode_sample(velocity, noise[0], labels, times, sigma_d))
-            return Slot(bucket, steps, noise, labels, times, out, images, finite, fn)
+            slot = Slot(bucket, steps, noise, labels, times, out, images, finite, fn)
+            slot.asked, slot.scores = asked, scores
+            return slot
 
         # each row's own times and edit constraint, as data: the edited variant serves any mix of
         # plain and edit rows (models/editing.py); plain batches, most of them, run the variant
@@ -196,7 +213,9 @@ class SamplerRunner:
         decode = self.decode or (lambda x: x)
         plain = serving(lambda: decode(consistency_sample(model, noise, labels, times)))
         edited = Variant(serving(lambda: decode(consistency_sample(model, noise, labels, times, edit))))
-        return Slot(bucket, steps, noise, labels, times, out, images, finite, plain, edit, edited)
+        return Slot(
+            bucket, steps, noise, labels, times, out, images, finite, plain, edit, edited, asked, scores
+        )
 
     def warmup(self, steps_list: list[int]) -> None:
         """Build every slot, run each once, and on CUDA capture it (largest bucket first)."""
@@ -272,7 +291,7 @@ class SamplerRunner:
         edit: the rows' constraints (CPU, [B, ...]); times: [S, B] the rows' own times; both
         None for plain sampling."""
         out = torch.empty((labels.shape[0], *self.image_shape), dtype=torch.float32)
-        for slot, start, n in self._chunks(steps, noise, labels, edit, times):
+        for slot, start, n in self._chunks(steps, noise, labels, edit, times, None):
             out[start : start + n].copy_(slot.out[:n])  # device -> host; synchronizes
         return out
 
@@ -283,17 +302,26 @@ class SamplerRunner:
         labels: torch.Tensor,
         edit: Constraint | None = None,
         times: torch.Tensor | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        asked: torch.Tensor | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """What a served batch needs, as `run` takes it: -> (uint8 [B, H, W, C], bool [B]: the
-        row's output was finite everywhere), quantized on the device."""
+        row's output was finite everywhere, float32 [B]: each image's accept-check score),
+        quantized and scored on the device. asked: int64 [B], each image's requested class or
+        -1, for the runner's scorer; without it (or a scorer) the scores are None."""
         c, h, w = self.image_shape
         B = labels.shape[0]
+        if asked is not None and self.scorer is None:
+            raise ValueError("this runner has no scorer to score the images with")
         images = torch.empty((B, h, w, c), dtype=torch.uint8)
         finite = torch.empty((B,), dtype=torch.bool)
-        for slot, start, n in self._chunks(steps, noise, labels, edit, times):
+        scores = torch.empty((B,), dtype=torch.float32) if asked is not None else None
+        for slot, start, n in self._chunks(steps, noise, labels, edit, times, asked):
             images[start : start + n].copy_(slot.images[:n])  # device -> host; synchronizes
             finite[start : start + n].copy_(slot.finite[:n])
-        return images.numpy(), finite.numpy()
+            if scores is not None:
+                assert slot.scores is not None
+                scores[start : start + n].copy_(slot.scores[:n])
+        return images.numpy(), finite.numpy(), None if scores is None else scores.numpy()
 
     def _chunks(
         self,
@@ -302,6 +330,7 @@ class SamplerRunner:
         labels: torch.Tensor,
         edit: Constraint | None,
         times: torch.Tensor | None,
+        asked: torch.Tensor | None,
     ) -> Iterator[tuple[Slot, int, int]]:
         """Load and run each chunk of rows; -> (its slot, first row, rows) once it has run, for
         the caller to copy out before the next chunk reuses the slot.
@@ -316,6 +345,7 @@ class SamplerRunner:
             # allocator, so this costs a copy, not an allocation. (Slot-owned pinned staging
             # buffers were tried and measured no faster on an H100: docs/performance.md.)
             noise, labels = noise.pin_memory(), labels.pin_memory()
+            asked = None if asked is None else asked.pin_memory()
         top = self.buckets[-1]
         for start in range(0, B, top):
             n = min(top, B - start)
@@ -324,6 +354,9 @@ class SamplerRunner:
             slot.labels[:n].copy_(labels[start : start + n], non_blocking=True)
             if n < slot.bucket:
                 slot.labels[n:].fill_(self.pad_label)
+            if asked is not None and slot.asked is not None:
+                # padding rows keep whatever valid class they held: their scores are not read
+                slot.asked[:n].copy_(asked[start : start + n], non_blocking=True)
             run: Replayable = slot
             if edit is None and times is None:
                 if slot.dirty:

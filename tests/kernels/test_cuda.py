@@ -127,3 +127,24 @@ def test_replay_does_not_allocate(tiny_ckpt: Path) -> None:
         slot.graph.replay()
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+
+
+def test_accept_check_in_the_graph_equals_its_eager_pass() -> None:
+    """The shipped model's accept check (the LeNet) runs inside each captured batch: the scores
+    the graph made for a batch's pixels equal the scorer's eager pass over the same pixels, for
+    requested classes and unconditional rows, through a chunked, padded batch."""
+    import numpy as np
+
+    kernels.force_triton(False)
+    e = build_engine(SHIPPED / "cm-mnist.json", "graph", "auto", [1, 4, 16], shipped_reference=False)
+    try:
+        sm = e.get()
+        assert sm.runner.scorer is not None and sm.scorer is not None
+        assert all(slot.graph is not None for slot in sm.runner.slots.values())
+        labels: list[int | None] = [i % 10 if i % 3 else None for i in range(21)]
+        images = e.call(e.run_batch, 2, labels, list(range(21)))
+        graph_scores = e.call(e.score, sm.name, images, labels)
+        eager_scores = e.call(sm.scorer, images, labels)
+        assert np.abs(graph_scores - eager_scores).max() < 1e-3
+    finally:
+        e.close()

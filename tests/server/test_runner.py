@@ -51,7 +51,7 @@ def test_served_images_are_the_output_quantized_with_each_rows_finiteness(tiny_c
     torch.manual_seed(0)
     noise = torch.randn(2, 6, 1, 28, 28)  # chunks of 4 and 2 (padded to 4)
     labels = torch.randint(0, 11, (6,))
-    images, finite = r.run_images(2, noise, labels)
+    images, finite, _ = r.run_images(2, noise, labels)
     assert images.dtype == np.uint8 and images.shape == (6, 28, 28, 1)
     assert np.array_equal(images, r.card.to_uint8(r.run(2, noise, labels)))
     assert finite.tolist() == [True] * 6
@@ -59,6 +59,69 @@ def test_served_images_are_the_output_quantized_with_each_rows_finiteness(tiny_c
     bad[:, 4].fill_(float("nan"))
     assert r.run_images(2, bad, labels)[1].tolist() == [True] * 4 + [False, True]
     assert r.run_images(2, noise, labels)[1].all()
+
+
+def test_a_device_scorer_scores_each_row_where_the_images_are_made(tiny_ckpt: Path) -> None:
+    """With a device scorer the runner scores every served batch beside its pixels (in the graph
+    on a GPU): over chunks and padding each row's score is what the scorer's own eager pass
+    gives its served pixels for its requested class (-1: none asked, the best class's), and a
+    batch that asks other classes of the same pixels gets those classes' scores."""
+    from models.scorers import ClassifierScorer, DeviceScorer
+
+    model, card = load_checkpoint(tiny_ckpt)
+    scorer = ClassifierScorer(card.info())
+    assert isinstance(scorer, DeviceScorer)
+    r = SamplerRunner(model, card.info(), [1, 4], torch.device("cpu"), metrics=Metrics(), scorer=scorer)
+    r.warmup([2])
+    torch.manual_seed(0)
+    noise = torch.randn(2, 6, 1, 28, 28)  # chunks of 4 and 2 (padded to 4)
+    labels = torch.randint(0, 10, (6,))
+    wanted: list[int | None] = [int(y) for y in labels]
+    wanted[1] = wanted[5] = None
+    asked = torch.tensor([-1 if y is None else y for y in wanted])
+    images, _, scores = r.run_images(2, noise, labels, asked=asked)
+    assert scores is not None and scores.shape == (6,)
+    np.testing.assert_allclose(scores, scorer(images, wanted), rtol=1e-5, atol=1e-6)
+    other = [(y + 3) % 10 for y in labels.tolist()]
+    again = r.run_images(2, noise, labels, asked=torch.tensor(other))[2]
+    assert again is not None
+    np.testing.assert_allclose(again, scorer(images, list(other)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(again, scores)
+    assert r.run_images(2, noise, labels)[2] is None  # nothing asked, nothing handed back
+    with pytest.raises(ValueError, match="no scorer"):
+        _runner(tiny_ckpt, [4]).run_images(2, noise, labels, asked=asked)
+
+
+def test_the_engine_hands_out_the_graphs_scores_for_its_own_batch_only(tiny_ckpt: Path) -> None:
+    """`Engine.score` right after `run_batch` returns the scores the batch's graph made (the
+    scorer's eager pass is not run again); any other images are scored by that eager pass."""
+    from models.scorers import ClassifierScorer
+
+    name = load_checkpoint(tiny_ckpt)[1].info().name
+    settings = Settings(checkpoint=str(tiny_ckpt), buckets=[1, 4], scorers=[f"{name}=mnist-lenet"])
+    e = Engine(settings, Metrics())
+    try:
+        e.warmup()
+        sm = e.get()
+        assert isinstance(sm.scorer, ClassifierScorer) and sm.runner.scorer is sm.scorer
+        eager_calls = []
+        real = sm.scorer.__call__
+
+        def counted(images: np.ndarray, labels: list[int | None]) -> np.ndarray:
+            eager_calls.append(len(labels))
+            return real(images, labels)
+
+        sm.scorer = counted  # type: ignore[assignment]  # the eager pass, counted
+        labels: list[int | None] = [3, None, 7]
+        images = e.call(e.run_batch, 2, labels, [1, 2, 3])
+        scores = e.call(e.score, name, images, labels)
+        assert eager_calls == []
+        np.testing.assert_allclose(scores, real(images, labels), rtol=1e-5, atol=1e-6)
+        copy = images.copy()
+        np.testing.assert_allclose(e.call(e.score, name, copy, labels), scores, rtol=1e-5, atol=1e-6)
+        assert eager_calls == [3]
+    finally:
+        e.close()
 
 
 def test_plain_batches_run_no_edit_ops_and_edit_batches_do(
