@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import types
 from typing import Any
@@ -23,12 +24,24 @@ from typing import Any
 from models.grid import png_bytes
 
 
+def engine_settings(checkpoint: str) -> Any:
+    """The peers' engine: the model alone, with no accept check (cmserve's runner would score
+    every batch of a shipped model, in the batch) and no reference tier."""
+    from models.checkpoint import card_paths
+    from server.settings import Settings
+
+    card = card_paths(checkpoint)[0]
+    scorers = [f"{json.loads(card.read_text())['name']}=none"] if card.is_file() else []
+    return Settings(
+        checkpoint=checkpoint, buckets=[1, 2, 4, 8, 16, 32, 64], scorers=scorers, shipped_reference=False
+    )
+
+
 def _engine(checkpoint: str, inline: bool = False) -> Any:
     from server.engine import Engine
     from server.metrics import Metrics
-    from server.settings import Settings
 
-    e = Engine(Settings(checkpoint=checkpoint, buckets=[1, 2, 4, 8, 16, 32, 64]), Metrics(), inline=inline)
+    e = Engine(engine_settings(checkpoint), Metrics(), inline=inline)
     e.warmup()
     if os.environ.get(STUB_ENV) == "1":
         e.run_batch = types.MethodType(stub_run_batch, e)  # type: ignore[method-assign]

@@ -185,7 +185,7 @@ class Engine:
                 raise ValueError(f"two models are named {card.name!r}; name them: --model NAME=PATH")
             placeholder = placeholder or bool(card.provenance.get("placeholder"))
             spec = scorers.get(card.name, SHIPPED_SCORER if card.name in shipped else None)
-            scorer = load_scorer(spec, card, self.device) if spec else None
+            scorer = load_scorer(spec, card, self.device) if spec and spec != "none" else None
             runner = SamplerRunner(
                 model,
                 card,

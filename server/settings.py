@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     )
     scorers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accept checks, MODEL=SCORER, comma-separated: a built-in scorer (mnist-lenet) or "
-        "module:factory; the shipped models get mnist-lenet unless one is named.",
+        description="Accept checks, MODEL=SCORER, comma-separated: a built-in scorer (mnist-lenet), "
+        "module:factory, or none; the shipped models get mnist-lenet unless one is named.",
     )
     accept_threshold: float = Field(
         0.9, ge=0, le=1, description="Score an image needs to be accepted (a request may ask another)."

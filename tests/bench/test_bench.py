@@ -159,3 +159,20 @@ def test_quality_bench_quick(tmp_path: Path) -> None:
     plain, shadow = r["shadow"]
     assert (plain["shadow_fraction"], plain["shadow_comparisons"]) == (0.0, 0)
     assert shadow["shadow_fraction"] == 1.0 and shadow["ok"] > 0
+
+
+def test_peers_serve_the_shipped_model_alone_and_unchecked() -> None:
+    """The peers' engine (LitServe, plain) does no work cmserve's peers would not: the shipped
+    model without its accept check (which cmserve's runner would run in every batch) and
+    without the teacher cmserve loads as its reference tier."""
+    from bench.peers import engine_settings
+    from server.engine import Engine
+    from server.metrics import Metrics
+    from server.settings import DEFAULT_CHECKPOINT
+
+    e = Engine(engine_settings(str(DEFAULT_CHECKPOINT)), Metrics())
+    try:
+        assert list(e.models) == ["cm-mnist"]
+        assert e.get().scorer is None and e.get().runner.scorer is None
+    finally:
+        e.close()

@@ -124,6 +124,28 @@ def test_the_engine_hands_out_the_graphs_scores_for_its_own_batch_only(tiny_ckpt
         e.close()
 
 
+def test_the_shipped_model_is_checked_unless_its_scorer_is_none() -> None:
+    """The shipped model gets its LeNet check by default, run in its batches; `MODEL=none`
+    serves it unchecked (nothing scored, in the batch or after it)."""
+    from models.scorers import ClassifierScorer
+    from server.settings import DEFAULT_CHECKPOINT
+
+    for scorers, checked in (([], True), (["cm-mnist=none"], False)):
+        settings = Settings(
+            checkpoint=str(DEFAULT_CHECKPOINT), buckets=[1], scorers=scorers, shipped_reference=False
+        )
+        e = Engine(settings, Metrics())
+        try:
+            sm = e.get("cm-mnist")
+            assert sm.accept_check is checked
+            assert isinstance(sm.runner.scorer, ClassifierScorer) is checked
+            e.warmup()
+            images = e.call(e.run_batch, 1, [3], [1])
+            assert (e.call(e.score, "cm-mnist", images, [3]) is None) is not checked
+        finally:
+            e.close()
+
+
 def test_plain_batches_run_no_edit_ops_and_edit_batches_do(
     tiny_ckpt: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
