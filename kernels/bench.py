@@ -54,6 +54,9 @@ def bench_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
     variants: dict[str, Callable[[], Any]] = {
         "triton": lambda: attention(q, k, v, w, w),
         "triton_scores": lambda: attention(q, k, v, w, w, k_norm="scores"),
+        # fewer queries per program: more programs where B·H·N/64 leaves SMs idle (batch 1)
+        "triton_m32": lambda: attention(q, k, v, w, w, config=(32, 64, 4, 3)),
+        "triton_m16": lambda: attention(q, k, v, w, w, config=(16, 64, 4, 3)),
         "torch": lambda: reference.attention(q, k, v, w, w),
         # torch's own fused attention alone, QK-norm left out: what the dots and softmax cost there
         "sdpa_no_norm": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
@@ -67,8 +70,9 @@ def bench_attention(device: str, dtype: torch.dtype, B: int, H: int, N: int, Dh:
     return out
 
 
-# (B, H, N, Dh) of the models' attention: MNIST DiT at batch 64, DiT-B/2 at 128, DiT-XL/2 at 32
-SWEEP_SHAPES = [(128, 12, 256, 64), (32, 16, 256, 72), (64, 6, 49, 32)]
+# (B, H, N, Dh) of the models' attention: MNIST DiT at batch 64, DiT-B/2 at 128 and 1, DiT-XL/2
+# at 32
+SWEEP_SHAPES = [(128, 12, 256, 64), (1, 12, 256, 64), (32, 16, 256, 72), (64, 6, 49, 32)]
 
 
 def sweep_attention(
@@ -86,6 +90,8 @@ def sweep_attention(
         w = torch.rand(Dh, device=device, dtype=dtype) + 0.5
         flops = 4 * B * H * N * N * Dh
         ms, ns, wps = ((32, 64), (32, 64), (4,)) if N <= 64 else ((64, 128), (32, 64, 128), (4, 8))
+        if B * H * N // 64 < 132:  # fewer 64-query blocks than an H100 has SMs: smaller blocks too
+            ms = (16, 32, *ms)
         configs: list[tuple[int, int, int, int] | None] = [None]
         configs += [(m, n, wp, st) for m in ms for n in ns for wp in wps for st in (2, 3)]
         base = {"dtype": str(dtype), "B": B, "H": H, "N": N, "Dh": Dh}
@@ -112,7 +118,7 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
             rows.append(bench_norm(device, dt, r, D))
         shapes = [(64, 6, 49, 32), (16, 16, 256, 72), (4, 16, 1024, 64)]
         if dt != torch.float32:
-            shapes.append((256, 12, 256, 64))  # DiT-B/2's largest bucket
+            shapes += [(256, 12, 256, 64), (1, 12, 256, 64)]  # DiT-B/2's largest bucket, and batch 1
         for B, H, N, Dh in [(64, 6, 49, 32)] if quick else shapes:
             rows.append(bench_attention(device, dt, B, H, N, Dh))
     return rows

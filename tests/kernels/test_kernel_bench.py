@@ -21,11 +21,11 @@ def test_attention_row_times_every_variant(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(bench, "_bench", once)
     row = bench.bench_attention("cpu", torch.float32, 1, 2, 64, 32)
-    variants = ("triton", "triton_scores", "torch", "sdpa_no_norm")
+    variants = ("triton", "triton_scores", "triton_m32", "triton_m16", "torch", "sdpa_no_norm")
     assert len(calls) == len(variants) and all(c.shape == (1, 2, 64, 32) for c in calls)
-    # the two Triton variants and the reference compute the same attention
-    torch.testing.assert_close(calls[0], calls[2], atol=1e-4, rtol=0)
-    torch.testing.assert_close(calls[1], calls[2], atol=1e-4, rtol=0)
+    # the four Triton variants and the reference compute the same attention
+    for triton_out in calls[:4]:
+        torch.testing.assert_close(triton_out, calls[4], atol=1e-4, rtol=0)
     for key in variants:
         assert row[f"{key}_ms"] == 2.0
         assert row[f"{key}_tflops"] == pytest.approx(4 * 2 * 64 * 64 * 32 / 2.0 / 1e9)
@@ -43,4 +43,5 @@ def test_a_failing_variant_is_recorded_and_the_others_still_run(monkeypatch: pyt
     monkeypatch.setattr(bench.reference, "attention", broken)
     row = bench.bench_attention("cpu", torch.float32, 1, 1, 16, 16)
     assert row["torch_error"] == "RuntimeError: no kernel for this shape" and "torch_ms" not in row
-    assert row["triton_ms"] == row["triton_scores_ms"] == row["sdpa_no_norm_ms"] == 2.0
+    others = ("triton", "triton_scores", "triton_m32", "triton_m16", "sdpa_no_norm")
+    assert [row[f"{key}_ms"] for key in others] == [2.0] * len(others)
