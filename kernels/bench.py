@@ -89,7 +89,8 @@ def sweep_attention(
         q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype) for _ in range(3))
         w = torch.rand(Dh, device=device, dtype=dtype) + 0.5
         flops = 4 * B * H * N * N * Dh
-        ms, ns, wps = ((32, 64), (32, 64), (4,)) if N <= 64 else ((64, 128), (32, 64, 128), (4, 8))
+        ms: tuple[int, ...] = (32, 64) if N <= 64 else (64, 128)
+        ns, wps = ((32, 64), (4,)) if N <= 64 else ((32, 64, 128), (4, 8))
         if B * H * N // 64 < 132:  # fewer 64-query blocks than an H100 has SMs: smaller blocks too
             ms = (16, 32, *ms)
         configs: list[tuple[int, int, int, int] | None] = [None]
