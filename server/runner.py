@@ -201,9 +201,9 @@ class SamplerRunner:
         if self.card.kind != "consistency":  # a TrigFlow teacher (the only diffusion kind a loader produces)
             velocity, sigma_d = model.ode_velocity, model.sigma_d  # type: ignore[attr-defined]
             fn = serving(lambda: ode_sample(velocity, noise[0], labels, times, sigma_d))
-            slot = Slot(bucket, steps, noise, labels, times, out, images, finite, fn)
-            slot.asked, slot.scores = asked, scores
-            return slot
+            return Slot(
+                bucket, steps, noise, labels, times, out, images, finite, fn, asked=asked, scores=scores
+            )
 
         # each row's own times and edit constraint, as data: the edited variant serves any mix of
         # plain and edit rows (models/editing.py); plain batches, most of them, run the variant

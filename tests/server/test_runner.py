@@ -125,23 +125,29 @@ def test_the_engine_hands_out_the_graphs_scores_for_its_own_batch_only(tiny_ckpt
 
 
 def test_the_shipped_model_is_checked_unless_its_scorer_is_none() -> None:
-    """The shipped model gets its LeNet check by default, run in its batches; `MODEL=none`
-    serves it unchecked (nothing scored, in the batch or after it)."""
+    """The shipped models (the consistency model and its teacher, whose ODE slots score too) get
+    the LeNet check by default, run in their batches; `MODEL=none` serves one unchecked
+    (nothing scored, in the batch or after it)."""
     from models.scorers import ClassifierScorer
     from server.settings import DEFAULT_CHECKPOINT
 
     for scorers, checked in (([], True), (["cm-mnist=none"], False)):
-        settings = Settings(
-            checkpoint=str(DEFAULT_CHECKPOINT), buckets=[1], scorers=scorers, shipped_reference=False
-        )
-        e = Engine(settings, Metrics())
+        e = Engine(Settings(checkpoint=str(DEFAULT_CHECKPOINT), buckets=[1], scorers=scorers), Metrics())
         try:
-            sm = e.get("cm-mnist")
-            assert sm.accept_check is checked
-            assert isinstance(sm.runner.scorer, ClassifierScorer) is checked
+            assert sorted(e.models) == ["cm-mnist", "teacher-mnist"]
             e.warmup()
-            images = e.call(e.run_batch, 1, [3], [1])
-            assert (e.call(e.score, "cm-mnist", images, [3]) is None) is not checked
+            for name, sm in e.models.items():
+                on = checked or name == "teacher-mnist"
+                assert sm.accept_check is on
+                assert isinstance(sm.runner.scorer, ClassifierScorer) is on
+                steps = sm.card.steps_default
+                images = e.call(e.run_batch, steps, [3], [1], name)
+                scores = e.call(e.score, name, images, [3])
+                if on:
+                    assert sm.scorer is not None
+                    np.testing.assert_allclose(scores, sm.scorer(images, [3]), rtol=1e-5, atol=1e-6)
+                else:
+                    assert scores is None
         finally:
             e.close()
 
