@@ -43,7 +43,9 @@ def _attention_kernel(
     Out,
     H,
     N,
-    Dh,
+    # a compile-time head dim: the mask of one below BLOCK_D (DiT-XL/2's 72 of 128) is then known
+    # to cover whole groups of 8, so its loads can be vector loads (a runtime 72 is not known to)
+    Dh: tl.constexpr,
     sq_b,
     sq_h,
     sq_n,
