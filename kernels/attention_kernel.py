@@ -43,20 +43,22 @@ def _attention_kernel(
     Out,
     H,
     N,
-    # a compile-time head dim: the mask of one below BLOCK_D (DiT-XL/2's 72 of 128) is then known
-    # to cover whole groups of 8, so its loads can be vector loads (a runtime 72 is not known to)
+    # The head dim and the head strides are compile-time constants: for DiT-XL/2's head dim of
+    # 72 (in blocks of 128) the mask and each head's offset are then known to be multiples of 8
+    # elements, so its loads can be vector loads. As runtime values they are not known to be:
+    # Triton marks integer arguments only when they are multiples of 16.
     Dh: tl.constexpr,
     sq_b,
-    sq_h,
+    sq_h: tl.constexpr,
     sq_n,
     sk_b,
-    sk_h,
+    sk_h: tl.constexpr,
     sk_n,
     sv_b,
-    sv_h,
+    sv_h: tl.constexpr,
     sv_n,
     so_b,
-    so_h,
+    so_h: tl.constexpr,
     so_n,
     qk_scale,
     eps,
