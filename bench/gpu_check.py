@@ -18,7 +18,7 @@ with a time limit (a part past its limit is killed with its children, and the re
               and a plain FastAPI endpoint, and with 4 front-end processes (--frontends 4)
     frontend  `cmserve bench frontend` (a stub model): requests/s with 1, 2, 4 and 8 front-end
               processes against the peers' single process
-    quality   FLD and class accuracy of the served model at fp32 / bf16 / fp16
+    quality   FLD and class accuracy of the served model at fp32 / bf16 / fp16 (/ fp8)
     kbench    kernels/bench.py: each kernel's time against torch
     asweep    the attention kernel's block sizes, warps and stages swept on the models' shapes
               (not run by default: its findings are the kernel's defaults; `--parts asweep`)
@@ -55,8 +55,8 @@ PARTS: list[tuple[str, int]] = [
     ("profile", 60),
     ("kbench", 90),
     ("engine", 110),
-    ("pytest", 90),
-    ("quality", 50),
+    ("pytest", 100),
+    ("quality", 65),
     ("server", 130),
     ("frontend", 120),
     ("asweep", 120),
@@ -152,7 +152,10 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
 
         if dev.type != "cuda":
             return quality_check(["float32"], n=100, deadline=deadline - 5, device="cpu")
-        return quality_check(["float32", "bfloat16", "float16"], deadline=deadline - 5)
+        dtypes = ["float32", "bfloat16", "float16"]
+        if torch.cuda.get_device_capability() >= (9, 0):  # row-scaled float8 matmuls (models/fp8.py)
+            dtypes.append("float8")
+        return quality_check(dtypes, deadline=deadline - 5)
     if name == "asweep":
         from kernels.bench import sweep_attention
 

@@ -57,9 +57,11 @@ def sample_pair(graph: Any, eager: Any, steps: int, n: int, seed0: int) -> tuple
 
 
 def engine_pair(ckpt: Path, dtype: str, buckets: list[int], device: str = "cuda") -> tuple[Any, Any]:
-    """(captured engine, eager engine) of one checkpoint."""
-    return build_engine(ckpt, "graph", dtype, buckets, device), build_engine(
-        ckpt, "eager", dtype, buckets, device
+    """(captured engine, eager engine) of one checkpoint, alone (a shipped model's teacher is
+    not loaded as its reference)."""
+    alone = {"shipped_reference": False}
+    return build_engine(ckpt, "graph", dtype, buckets, device, **alone), build_engine(
+        ckpt, "eager", dtype, buckets, device, **alone
     )
 
 

@@ -89,7 +89,7 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                 "main_process_cpu_cores", "p50_ms", "p99_ms", "errors"]  # fmt: skip
         lines += _table(rows, cols)
     elif name == "quality" and res:
-        lines += _table(res, ["dtype", "seeds_from", "steps", "n", "fld", "class_accuracy"])
+        lines += _table(res, ["dtype", "seeds_from", "steps", "n", "fld", "class_accuracy", "error"])
     elif name == "asweep" and res:
         lines += _table(res, ["B", "H", "N", "Dh", "config", "ms", "tflops", "error"])
     elif name == "kbench" and res:

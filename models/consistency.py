@@ -70,8 +70,16 @@ class TrigFlow(nn.Module):
     def cast_network(self, dtype: torch.dtype) -> TrigFlow:
         """Cast F's weights to `dtype` once (at load), so no forward re-casts them. Only F runs in
         `dtype`: its input is cast on the way in and its output back to x's dtype, so the
-        skip path cos(t)·x_t and the samplers' state stay fp32."""
+        skip path cos(t)·x_t and the samplers' state stay fp32. float8 (e4m3): F in bf16 with
+        its blocks' linears in float8 (`models/fp8.py`)."""
+        fp8 = dtype == torch.float8_e4m3fn
+        dtype = torch.bfloat16 if fp8 else dtype
         self.net.to(dtype)
+        if fp8:
+            from models.fp8 import quantize_blocks
+
+            if not quantize_blocks(self.net):
+                raise ValueError("float8 serves a DiT's block linears; this network has no DiT blocks")
         pack = getattr(self.net, "pack_modulation", None)
         if pack is not None:  # after the cast, which gave every weight storage of its own
             pack()

@@ -68,6 +68,8 @@ class EDMConsistency(nn.Module):
         self.compute_dtype = torch.float32
 
     def cast_network(self, dtype: torch.dtype) -> EDMConsistency:
+        if dtype == torch.float8_e4m3fn:
+            raise ValueError("float8 serves the DiT family only (models/fp8.py)")
         self.net.to(dtype)
         self.compute_dtype = dtype
         return self

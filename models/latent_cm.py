@@ -146,6 +146,8 @@ class LatentConsistency(nn.Module):
         self.compute_dtype = torch.float32
 
     def cast_network(self, dtype: torch.dtype) -> LatentConsistency:
+        if dtype == torch.float8_e4m3fn:
+            raise ValueError("float8 serves the DiT family only (models/fp8.py)")
         self.unet.to(dtype)
         self.vae.to(dtype)
         self.compute_dtype = dtype

@@ -55,6 +55,20 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float8": torch.float8_e4m3fn}  # fmt: skip
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The network's dtype for `--dtype name`: 'auto' is bfloat16 on CUDA and float32 on the CPU;
+    float8 (models/fp8.py) needs row-scaled float8 matmuls, on CUDA from compute capability 9.0."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "float8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        raise RuntimeError("dtype float8 needs a GPU of compute capability 9.0 or above (Hopper)")
+    return DTYPES[name]
+
+
 @dataclass
 class ServedModel:
     """One model of the server: its network, what it is, and its runner (buffers, graphs)."""
@@ -157,9 +171,7 @@ class Engine:
         )
         if use_graphs and self.device.type != "cuda":
             raise RuntimeError("backend 'graph' needs a CUDA device")
-        dtype = torch.float32
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if settings.dtype == "auto" else getattr(torch, settings.dtype)
+        dtype = compute_dtype(settings.dtype, self.device)
         self.models: dict[str, ServedModel] = {}
         references = dict(r.split("=", 1) for r in settings.references)
         scorers = dict(r.split("=", 1) for r in settings.scorers)

@@ -40,10 +40,12 @@ class Settings(BaseSettings):
         "auto",
         description="Runner backend: 'graph' = CUDA graphs (CUDA only); 'auto': graph on CUDA, else eager.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float8"] = Field(
         "auto",
-        description="Compute dtype of the network on CUDA; 'auto' = bfloat16 there (its FLD and class "
-        "accuracy match float32's), float32 on the CPU, which always computes in float32.",
+        description="Compute dtype of the network: 'auto' = bfloat16 on CUDA (its FLD and class "
+        "accuracy match float32's), float32 on the CPU. float8: a DiT's block linears in e4m3 with "
+        "per-channel and per-token scales, the rest in bfloat16 (CUDA compute capability 9.0+, or "
+        "the CPU, slowly).",
     )
     buckets: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],

@@ -148,3 +148,25 @@ def test_accept_check_in_the_graph_equals_its_eager_pass() -> None:
         assert np.abs(graph_scores - eager_scores).max() < 1e-3
     finally:
         e.close()
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+    reason="float8 serving needs compute capability 9.0",
+)
+def test_float8_graph_replay_equals_eager_reference() -> None:
+    """--dtype float8 (the blocks' linears in e4m3) captured with the Triton kernels against an
+    eager engine at float8 with the torch reference ops, and both near float32's images."""
+    kernels.force_triton(False)
+    path = SHIPPED / "cm-mnist.json"
+    graph, eager = engine_pair(path, "float8", [1, 4, 16])
+    fp32 = build_engine(path, "eager", "float32", [1, 4, 16], shipped_reference=False)
+    try:
+        for steps in graph.supported_steps:
+            a, b = sample_pair(graph, eager, steps, 21, 100)
+            assert float((a - b).norm() / b.norm()) < 5e-2, steps
+            c = fp32.call(fp32.sample, steps, [i % 10 for i in range(21)], list(range(100, 121)))
+            assert float((a - c).norm() / c.norm()) < 0.1, steps
+    finally:
+        for e in (graph, eager, fp32):
+            e.close()

@@ -1,0 +1,93 @@
+"""float8 (e4m3) serving of the DiT's block linears: weights stored in fp8 with one scale per
+output channel, activations quantized per token as they arrive, one scaled matmul
+(`torch._scaled_mm`, bf16 out, bias in its epilogue).
+
+Which layers: every block's qkv, attention output, and MLP projections, which hold nearly all of
+the network's FLOPs. The patch embedding, the time/label MLPs, the adaLN projections (they set
+every block's shift, scale and gate) and the output layer stay in bf16, as do the norms and the
+attention itself.
+
+Scales: a weight row's scale is its absolute max over 448 (e4m3's largest finite value), so the
+row uses the format's whole range; an activation row's (one token's) likewise, computed at each
+call. Per-channel and per-token scales keep one outlier from flattening the rest of its tensor.
+
+Runs where torch has float8 matmuls with per-row scales: on CUDA GPUs of compute capability 9.0
+and up (Hopper; Ada has float8 tensor cores, but torch's row-scaled float8 matmul targets sm90),
+and on the CPU (slowly; for checking what fp8 does to quality).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # the largest finite e4m3 value
+_TINY = 1e-12  # a zero row's scale: its values quantize to 0 instead of 0/0
+
+
+def row_scales(x: torch.Tensor) -> torch.Tensor:
+    """x: [R, K] -> [R, 1] fp32: each row's absolute max over E4M3_MAX."""
+    return (x.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=_TINY)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [R, K] -> (e4m3 [R, K], fp32 scales [R, 1]) with x ≈ q · scale per row."""
+    s = row_scales(x)
+    return (x.float() / s).to(E4M3), s
+
+
+class Fp8Linear(nn.Module):
+    """An nn.Linear's y = x Wᵀ + b with W in e4m3 (per output channel scales) and x quantized to
+    e4m3 per row at each call. x: [..., K] bf16 -> [..., N] bf16."""
+
+    weight: torch.Tensor  # [N, K] e4m3
+    weight_scale: torch.Tensor  # [1, N] fp32: output channel n's scale
+    bias: torch.Tensor | None  # [N] bf16
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        N, K = linear.weight.shape
+        if K % 16 or N % 16:  # what float8 matmuls take on a GPU
+            raise ValueError(f"a float8 linear needs both dims multiples of 16; got [{N}, {K}]")
+        q, s = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale", s.reshape(1, N).contiguous())
+        b = linear.bias
+        self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16))
+        self.in_features, self.out_features = K, N
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K = self.in_features
+        xq, s = quantize_rows(x.reshape(-1, K))
+        # mat2 column-major, as the fp8 matmul requires: the transpose of the row-major weight
+        w, ws = self.weight.t(), self.weight_scale
+        y = torch._scaled_mm(xq, w, scale_a=s, scale_b=ws, bias=self.bias, out_dtype=torch.bfloat16)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Fp8Linear:
+        # `.to(dtype)` casts every floating buffer, e4m3 ones included, which would leave scaled
+        # values multiplied as if unscaled: a move is fine, a cast is an error
+        moved = super()._apply(fn, recurse)
+        if self.weight.dtype != E4M3 or self.weight_scale.dtype != torch.float32:
+            raise TypeError("a float8 linear was cast; only move it (.to(device))")
+        return moved
+
+
+def quantize_blocks(net: nn.Module) -> int:
+    """Replace the linears of every block of a DiT (`models.dit.Block`: attn.qkv, attn.proj,
+    mlp[0], mlp[2]) with Fp8Linear, in place. -> how many were replaced."""
+    from models.dit import Block
+
+    n = 0
+    for blk in net.modules():
+        if not isinstance(blk, Block):
+            continue
+        for parent, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "0"), (blk.mlp, "2")):
+            lin = getattr(parent, name)
+            if isinstance(lin, nn.Linear):
+                setattr(parent, name, Fp8Linear(lin))
+                n += 1
+    return n
