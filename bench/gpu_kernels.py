@@ -122,6 +122,23 @@ def _linear_gelu_case(dt: torch.dtype, x: torch.Tensor, w: torch.Tensor, b: torc
     )  # fmt: skip
 
 
+FP8_BOUND = 1e-3  # the same bits as torch's cast are expected; this leaves room for a rare tie
+
+
+def _fp8_quant_case(dt: torch.dtype, x: torch.Tensor) -> dict[str, Any]:
+    """Per-row float8 quantization, compared dequantized (q · scale) with the reference's."""
+    from kernels import triton_ops as K
+
+    def dequantized(qs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return qs[0].float() * qs[1]
+
+    return _case(
+        "quantize_rows_fp8", dt, tuple(x.shape), lambda: dequantized(K.quantize_rows_fp8(x)),
+        lambda: dequantized(reference.quantize_rows_fp8(x)),
+        lambda: dequantized(reference.quantize_rows_fp8(x)).double(), bound=FP8_BOUND,
+    )  # fmt: skip
+
+
 def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -142,4 +159,5 @@ def check(device: str = "cuda", seed: int = 0) -> list[dict[str, Any]]:
         for M, Kd, N in LINEAR_SHAPES:
             x, w, b = rnd(M, Kd).to(dt), (rnd(N, Kd) / Kd**0.5).to(dt), rnd(N).to(dt)
             rows.append(_linear_gelu_case(dt, x, w, b))
+            rows.append(_fp8_quant_case(dt, x))
     return rows

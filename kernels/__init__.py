@@ -78,6 +78,7 @@ gated_residual = _dispatch("gated_residual")
 attention = _dispatch("attention")
 linear_gelu = _dispatch("linear_gelu")
 residual_adaln_norm = _dispatch("residual_adaln_norm")
+quantize_rows_fp8 = _dispatch("quantize_rows_fp8")
 
 __all__ = [
     "adaln_norm",
@@ -86,6 +87,7 @@ __all__ = [
     "force_triton",
     "gated_residual",
     "linear_gelu",
+    "quantize_rows_fp8",
     "reference",
     "residual_adaln_norm",
     "triton_available",

@@ -82,3 +82,14 @@ def residual_adaln_norm(
     """(x' = x + gate[b]·h, adaln_norm(x', shift, scale)): a residual and the next norm."""
     x_new = gated_residual(x, gate, h)
     return x_new, adaln_norm(x_new, shift, scale, eps)
+
+
+E4M3_MAX = 448.0  # the largest finite float8 e4m3 value
+FP8_MIN_SCALE = 1e-12  # a zero row's scale: its values quantize to 0 instead of 0/0
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row float8 quantization, x ≈ q · scale: x [R, K] -> (q e4m3 [R, K], scale fp32 [R, 1]),
+    each row's scale its absolute max over E4M3_MAX, so that the row spans e4m3's range."""
+    s = (x.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=FP8_MIN_SCALE)
+    return (x.float() / s).to(torch.float8_e4m3fn), s

@@ -9,7 +9,8 @@ attention itself.
 
 Scales: a weight row's scale is its absolute max over 448 (e4m3's largest finite value), so the
 row uses the format's whole range; an activation row's (one token's) likewise, computed at each
-call. Per-channel and per-token scales keep one outlier from flattening the rest of its tensor.
+call (`kernels.quantize_rows_fp8`: one Triton pass on CUDA). Per-channel and per-token scales
+keep one outlier from flattening the rest of its tensor.
 
 Runs where torch has float8 matmuls with per-row scales: on CUDA GPUs of compute capability 9.0
 and up (Hopper; Ada has float8 tensor cores, but torch's row-scaled float8 matmul targets sm90),
@@ -23,20 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+import kernels
+from kernels.reference import quantize_rows_fp8
+
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # the largest finite e4m3 value
-_TINY = 1e-12  # a zero row's scale: its values quantize to 0 instead of 0/0
-
-
-def row_scales(x: torch.Tensor) -> torch.Tensor:
-    """x: [R, K] -> [R, 1] fp32: each row's absolute max over E4M3_MAX."""
-    return (x.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=_TINY)
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [R, K] -> (e4m3 [R, K], fp32 scales [R, 1]) with x ≈ q · scale per row."""
-    s = row_scales(x)
-    return (x.float() / s).to(E4M3), s
 
 
 class Fp8Linear(nn.Module):
@@ -52,7 +43,7 @@ class Fp8Linear(nn.Module):
         N, K = linear.weight.shape
         if K % 16 or N % 16:  # what float8 matmuls take on a GPU
             raise ValueError(f"a float8 linear needs both dims multiples of 16; got [{N}, {K}]")
-        q, s = quantize_rows(linear.weight.detach())
+        q, s = quantize_rows_fp8(linear.weight.detach())  # once, at load: the reference will do
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale", s.reshape(1, N).contiguous())
         b = linear.bias
@@ -61,7 +52,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.in_features
-        xq, s = quantize_rows(x.reshape(-1, K))
+        xq, s = kernels.quantize_rows_fp8(x.reshape(-1, K))
         # mat2 column-major, as the fp8 matmul requires: the transpose of the row-major weight
         w, ws = self.weight.t(), self.weight_scale
         y = torch._scaled_mm(xq, w, scale_a=s, scale_b=ws, bias=self.bias, out_dtype=torch.bfloat16)

@@ -280,6 +280,25 @@ def test_kernel_part_checks_both_k_norm_placements(dtype: torch.dtype) -> None:
     assert all(r["ok"] and "error" not in r for r in rows), rows
 
 
+def test_kernel_part_checks_the_fp8_quantization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu-check's kernels part holds the float8 row quantization to the reference's result
+    (here on the interpreter, where it is bit-exact), and a kernel off by one e4m3 step fails."""
+    from bench.gpu_kernels import _fp8_quant_case
+    from kernels import triton_ops
+
+    x = torch.randn(49, 192).to(torch.bfloat16)
+    row = _fp8_quant_case(torch.bfloat16, x)
+    assert row["ok"] and row["kernel_err"] == 0.0, row
+    real = triton_ops.quantize_rows_fp8
+
+    def coarse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, s = real(t)
+        return (q.float() * 1.07).to(torch.float8_e4m3fn), s  # one step up, about
+
+    monkeypatch.setattr(triton_ops, "quantize_rows_fp8", coarse)
+    assert not _fp8_quant_case(torch.bfloat16, x)["ok"]
+
+
 def test_repack_keeps_every_file_and_shrinks_large_wheels(tmp_path: Path) -> None:
     import zipfile
 
