@@ -114,11 +114,15 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
             ("mnist-s", torch.float32, [1, 64, 1024], ("cast",)),
             ("dit-xl2", torch.bfloat16, [1, 8, 32, 64], ("cast",)),
         ]
+        if dev.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+            # --dtype float8: the blocks' linears in e4m3 (models/fp8.py), against the fp8 peak
+            plans.insert(1, ("dit-b2", torch.float8_e4m3fn, [1, 32, 256], ("cast",)))
         if dev.type != "cuda":  # a harness check: the small model only
             plans = [("mnist-s", torch.float32, [1, 8], ("cast",))]
         results = []
         for preset, dt, batches, modes in plans:
-            key = str(dt).removeprefix("torch.")  # fp32 models run without TF32: the fp32 peak
+            # fp32 models run without TF32: the fp32 peak
+            key = "float8" if dt == torch.float8_e4m3fn else str(dt).removeprefix("torch.")
             peak = (sheet or {}).get("tflops", {}).get(key) or measured.get(key) or measured["float32"]
             results.append(bench_preset(
                 preset, dt, batches, dev, peak, measured["copy_tbps"], modes=modes, deadline=deadline - 5,
