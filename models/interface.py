@@ -42,7 +42,8 @@ class ConsistencyModel(Protocol):
         ...
 
     def cast_network(self, dtype: torch.dtype) -> Any:
-        """Cast the network's weights to `dtype` once; inputs and outputs stay fp32."""
+        """Cast the network's weights to `dtype` once; inputs and outputs stay fp32. float8 (e4m3,
+        `--dtype float8`) asks for the family's float8 path; ValueError where it has none."""
         ...
 
 
