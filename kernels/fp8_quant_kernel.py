@@ -8,8 +8,8 @@ input this way before their matmul.
 
 The rounding to e4m3 (3 mantissa bits, to nearest, ties to even, as torch's cast) is done in
 fp32 before the cast, which then only converts values e4m3 holds exactly: so the result is the
-same bits as the reference's wherever the kernel runs. (Triton's CPU interpreter rounds values
-that carry into the next binade, such as 124.3 -> 128, down a binade instead.)
+same bits as the reference's wherever the kernel runs. (Given a value that rounds up into the
+next binade, such as 124.3, which is 128 in e4m3, Triton's CPU interpreter's cast gives 64.)
 """
 
 from __future__ import annotations
