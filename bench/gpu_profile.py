@@ -31,7 +31,8 @@ from models.placeholder import random_dit
 CLASSES: list[tuple[str, tuple[str, ...]]] = [
     ("attention", ("_attention_kernel", "flash", "fmha", "attention", "softmax", "bmm")),
     ("norm", ("_adaln_norm", "_gated_residual", "layer_norm", "rms_norm")),
-    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "addmm", "aten::mm", "conv")),
+    ("quantize", ("_quantize_rows_fp8",)),  # float8 activations (models/fp8.py)
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "addmm", "aten::mm", "scaled_mm", "conv")),
     ("copy", ("memcpy", "memset", "copy_")),
 ]
 CLASS_NAMES = [c for c, _ in CLASSES] + ["other"]

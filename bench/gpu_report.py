@@ -55,7 +55,8 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
                                         "graph_vs_reference_rel_err", "capture_s", "error"])  # fmt: skip
     elif name == "profile" and res:
         cols = ["batch", "mode", "wall_ms", "profiled_wall_ms", "kernels", "kernel_ms", "busy", "matmul_ms",
-                "attention_ms", "norm_ms", "copy_ms", "other_ms", "matmul_tflops", "attention_tflops",
+                "attention_ms", "norm_ms", "quantize_ms", "copy_ms", "other_ms", "matmul_tflops",
+                "attention_tflops",
                 "error"]  # fmt: skip
         for p in res:
             lines.append(f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps")

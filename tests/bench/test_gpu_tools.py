@@ -118,9 +118,11 @@ def test_profile_classes_and_summary() -> None:
         "_attention_kernel": "attention",
         "_adaln_norm_kernel": "norm",
         "_gated_residual_kernel": "norm",
+        "_quantize_rows_fp8_kernel": "quantize",
         "Memcpy DtoD (Device -> Device)": "copy",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
         "aten::addmm": "matmul",
+        "aten::_scaled_mm": "matmul",
         "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     }
     assert {n: classify(n) for n in names} == names
