@@ -67,6 +67,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_part(name: str, out: Path, deadline: float) -> Any:
     """The body of one part, in its own process; returns what goes into the report."""
+    from models import fp8
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "env":
         from bench.roofline import datasheet, measure_peaks
@@ -114,7 +116,7 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
             ("mnist-s", torch.float32, [1, 64, 1024], ("cast",)),
             ("dit-xl2", torch.bfloat16, [1, 8, 32, 64], ("cast",)),
         ]
-        if dev.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        if dev.type == "cuda" and fp8.supported(dev):
             # --dtype float8: the blocks' linears in e4m3 (models/fp8.py), against the fp8 peak
             plans.insert(1, ("dit-b2", torch.float8_e4m3fn, [1, 32, 256], ("cast",)))
         if dev.type != "cuda":  # a harness check: the small model only
@@ -136,7 +138,7 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
             ("dit-b2", torch.bfloat16, [1, 256]),
             ("mnist-s", torch.bfloat16, [1, 64]),
         ]
-        if dev.type == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        if dev.type == "cuda" and fp8.supported(dev):
             profiles.insert(1, ("dit-b2", torch.float8_e4m3fn, [256]))  # where float8's time goes
         if dev.type != "cuda":  # a harness check
             profiles = [("mnist-s", torch.float32, [1, 4])]
@@ -159,7 +161,7 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
         if dev.type != "cuda":
             return quality_check(["float32"], n=100, deadline=deadline - 5, device="cpu")
         dtypes = ["float32", "bfloat16", "float16"]
-        if torch.cuda.get_device_capability() >= (9, 0):  # row-scaled float8 matmuls (models/fp8.py)
+        if fp8.supported(dev):
             dtypes.append("float8")
         return quality_check(dtypes, deadline=deadline - 5)
     if name == "asweep":

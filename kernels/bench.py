@@ -84,6 +84,7 @@ def sweep_attention(
 
     from kernels.attention_kernel import attention
 
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     rows: list[dict[str, Any]] = []
     for B, H, N, Dh in SWEEP_SHAPES:
         q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype) for _ in range(3))
@@ -91,7 +92,8 @@ def sweep_attention(
         flops = 4 * B * H * N * N * Dh
         ms: tuple[int, ...] = (32, 64) if N <= 64 else (64, 128)
         ns, wps = ((32, 64), (4,)) if N <= 64 else ((32, 64, 128), (4, 8))
-        if B * H * N // 64 < 132:  # fewer 64-query blocks than an H100 has SMs: smaller blocks too
+        blocks_64 = B * H * ((N + 63) // 64)
+        if blocks_64 < sms:  # fewer 64-query blocks than the GPU has SMs: smaller blocks too
             ms = (16, 32, *ms)
         configs: list[tuple[int, int, int, int] | None] = [None]
         configs += [(m, n, wp, st) for m in ms for n in ns for wp in wps for st in (2, 3)]

@@ -30,6 +30,12 @@ from kernels.reference import quantize_rows_fp8
 E4M3 = torch.float8_e4m3fn
 
 
+def supported(device: torch.device) -> bool:
+    """Whether float8 serving runs on `device`: the CPU, or a CUDA GPU of compute capability 9.0
+    and up (the module docstring)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 class Fp8Linear(nn.Module):
     """An nn.Linear's y = x Wᵀ + b with W in e4m3 (per output channel scales) and x quantized to
     e4m3 per row at each call. x: [..., K] bf16 -> [..., N] bf16."""

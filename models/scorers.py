@@ -30,6 +30,11 @@ class Scorer(Protocol):
         ...
 
 
+def asked_classes(labels: list[int | None], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A batch's labels as `DeviceScorer.score_tensor` takes them: int64 [B], -1 where none."""
+    return torch.tensor([-1 if y is None else y for y in labels], dtype=torch.long, device=device)
+
+
 @runtime_checkable
 class DeviceScorer(Scorer, Protocol):
     def score_tensor(self, images: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
@@ -52,8 +57,8 @@ class ClassifierScorer:
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, labels: list[int | None]) -> np.ndarray:
-        asked = torch.tensor([-1 if y is None else y for y in labels], device=self.device)
-        scores = self.score_tensor(torch.from_numpy(images).to(self.device), asked)
+        x = torch.from_numpy(images).to(self.device)
+        scores = self.score_tensor(x, asked_classes(labels, self.device))
         return scores.cpu().numpy().astype(np.float64)
 
     def score_tensor(self, images: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:

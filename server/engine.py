@@ -27,11 +27,12 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from models import fp8
 from models.editing import Constraint, RowEdit, batch_constraint, slerp
 from models.interface import ConsistencyModel, ModelInfo
 from models.load import load_model
 from models.placeholder import build_placeholder
-from models.scorers import DeviceScorer, Scorer, load_scorer
+from models.scorers import DeviceScorer, Scorer, asked_classes, load_scorer
 from server.metrics import Metrics
 from server.runner import SamplerRunner, reserved_bytes
 from server.settings import SHIPPED_SCORER, SHIPPED_TEACHER, Settings
@@ -64,7 +65,7 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     float8 (models/fp8.py) needs row-scaled float8 matmuls, on CUDA from compute capability 9.0."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name == "float8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+    if name == "float8" and not fp8.supported(device):
         raise RuntimeError("dtype float8 needs a GPU of compute capability 9.0 or above (Hopper)")
     return DTYPES[name]
 
@@ -387,9 +388,7 @@ class Engine:
         Where the model's scorer runs on the device, the batch is scored there too, and `score`
         hands those scores out for these images."""
         runner = self.get(model).runner
-        asked = None
-        if runner.scorer is not None:
-            asked = torch.tensor([-1 if lab is None else lab for lab in labels], dtype=torch.long)
+        asked = None if runner.scorer is None else asked_classes(labels)
         inputs = self._inputs(steps, labels, seeds, model, edits)
         images, finite, scores = runner.run_images(steps, *inputs, asked=asked)
         self._batch_scores = None if scores is None else (images, scores)
