@@ -22,6 +22,9 @@ with a time limit (a part past its limit is killed with its children, and the re
     kbench    kernels/bench.py: each kernel's time against torch
     asweep    the attention kernel's block sizes, warps and stages swept on the models' shapes
               (not run by default: its findings are the kernel's defaults; `--parts asweep`)
+    qsweep    the float8 quantization kernel's rows per program and warps swept on DiT-B/2's and
+              DiT-XL/2's activations, DiT-B/2 at float8 beside bf16, DiT-XL/2 at batch 64 (not
+              run by default: `--parts qsweep`; Hopper only)
 
 The report (`<out>/<device>.json` and `.md`) is rewritten after every part, so a run killed at its
 limit keeps what was done. Without CUDA it says so and exits 1.
@@ -60,6 +63,7 @@ PARTS: list[tuple[str, int]] = [
     ("server", 130),
     ("frontend", 120),
     ("asweep", 120),
+    ("qsweep", 120),
 ]
 MIN_PART_S = 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +172,35 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
         from kernels.bench import sweep_attention
 
         return sweep_attention(str(dev), deadline=deadline - 5)
+    if name == "qsweep":
+        from bench.gpu_model import bench_preset
+        from bench.roofline import datasheet, measure_peaks
+        from kernels.bench import sweep_quantize
+
+        if dev.type != "cuda" or not fp8.supported(dev):
+            raise SystemExit("qsweep needs a CUDA GPU with float8 matmuls (compute capability 9.0)")
+        env = _load(out, "env") or {}
+        measured = env.get("measured") or measure_peaks(dev)
+        tflops = (datasheet(torch.cuda.get_device_name()) or {}).get("tflops", {})
+        # the sweep leaves a minute for DiT-B/2's batches at both dtypes (and DiT-XL/2's attention
+        # blocks at batch 64, if time is left)
+        result: dict[str, Any] = {"sweep": sweep_quantize(str(dev), deadline=deadline - 60)}
+        _save(out, "qsweep", result)
+        models = []
+        plans = [("dit-b2", torch.bfloat16, "bfloat16", [1, 256]),
+                 ("dit-b2", torch.float8_e4m3fn, "float8", [1, 256]),
+                 ("dit-xl2", torch.bfloat16, "bfloat16", [64])]  # fmt: skip
+        for preset, dt, key, batches in plans:
+            if time.monotonic() > deadline - 20:
+                break
+            peak = tflops.get(key) or measured["bfloat16"]
+            models.append(bench_preset(
+                preset, dt, batches, dev, peak, measured["copy_tbps"], kernel_sets=("triton",),
+                deadline=deadline - 5,
+            ))  # fmt: skip
+            result["models"] = models
+            _save(out, "qsweep", result)
+        return result
     if name == "kbench":
         from kernels.bench import run
 
@@ -271,7 +304,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/gpu")
     ap.add_argument("--work", default="", help="folder for the parts' raw results (default: a temp dir)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
-    ap.add_argument("--parts", default=",".join(n for n, _ in PARTS if n != "asweep"))
+    ap.add_argument("--parts", default=",".join(n for n, _ in PARTS if n not in ("asweep", "qsweep")))
     ap.add_argument("--allow-cpu", action="store_true", help="run the harness without CUDA (tests it)")
     ap.add_argument("--part", default="", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)

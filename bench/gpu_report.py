@@ -29,6 +29,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _model_tables(presets: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for p in presets:
+        lines.append(
+            f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps: {p['params'] / 1e6:.1f} M "
+            f"parameters, {p['gflops_per_image_forward']} GFLOP per image per forward; "
+            f"peak {p['peak_tflops']} TFLOP/s; empty graph replay {p['graph_launch_us']} us"
+        )
+        lines += _table(p["rows"], ["mode", "kernels", "batch", "eager_ms", "graph_ms", "graph_speedup",
+                                    "images_per_s", "tflops", "pct_peak", "bound_ms", "x_bound",
+                                    "graph_vs_reference_rel_err", "capture_s", "error"])  # fmt: skip
+    return lines
+
+
 def _section(name: str, part: dict[str, Any]) -> list[str]:
     res = part.get("result")
     run = f" (run {part['run']})" if "run" in part else ""
@@ -44,15 +58,10 @@ def _section(name: str, part: dict[str, Any]) -> list[str]:
             res, ["op", "dtype", "shape", "note", "kernel_err", "torch_err", "bound", "ok", "error"]
         )
     elif name == "model" and res:
-        for p in res:
-            lines.append(
-                f"\n### {p['preset']} {p['dtype']}, {p['steps']} steps: {p['params'] / 1e6:.1f} M "
-                f"parameters, {p['gflops_per_image_forward']} GFLOP per image per forward; "
-                f"peak {p['peak_tflops']} TFLOP/s; empty graph replay {p['graph_launch_us']} us"
-            )
-            lines += _table(p["rows"], ["mode", "kernels", "batch", "eager_ms", "graph_ms", "graph_speedup",
-                                        "images_per_s", "tflops", "pct_peak", "bound_ms", "x_bound",
-                                        "graph_vs_reference_rel_err", "capture_s", "error"])  # fmt: skip
+        lines += _model_tables(res)
+    elif name == "qsweep" and res:
+        lines += _table(res.get("sweep", []), ["R", "K", "gelu", "config", "ms", "gbps", "error"])
+        lines += _model_tables(res.get("models", []))
     elif name == "profile" and res:
         cols = ["batch", "mode", "wall_ms", "profiled_wall_ms", "kernels", "kernel_ms", "busy", "matmul_ms",
                 "attention_ms", "norm_ms", "quantize_ms", "copy_ms", "other_ms", "matmul_tflops",

@@ -142,21 +142,25 @@ def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, itemsize: 
     return (block_m + 2 * stages * block_n) * block_d * itemsize
 
 
-def _blocks(N: int, Dh: int, itemsize: int = 2) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). tl.dot needs every block dim >= 16.
+def _blocks(N: int, Dh: int, itemsize: int = 2, heads: int = 1) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for `heads` (batch x heads) sequences
+    of N tokens. tl.dot needs every block dim >= 16.
 
-    Head dims up to 64: 64 x 64 blocks, 4 warps. Wider heads (DiT-XL/2's 72 pads to 128): 128
-    queries per program over 64-key blocks with 8 warps, the fastest of 24 configurations swept
-    on an H100 at DiT-XL/2's shape (`bench.gpu_check` part asweep), 3x faster than the 32-query
-    blocks used before; for head dim 64 the sweep's best was within 5% of the 64 x 64 choice.
-    fp32 blocks that wide do not fit in shared memory at 3 stages: 64 queries and 2 stages.
+    64 x 64 blocks, 4 warps, 3 stages, whatever the head dim (DiT-XL/2's 72 pads to 128): with
+    the head dim a compile-time constant this was the fastest of the block sweep's choices at
+    DiT-XL/2's shape on an H200 (`bench.gpu_check` part asweep; docs/performance.md), ahead of
+    128 x 64 blocks with 8 warps. Head dims up to 64 on a grid that still has 1,024 programs or
+    more with 128-query blocks (DiT-B/2 from batch 64 up): 128 x 128 blocks, the sweep's fastest
+    at DiT-B/2's batch 128; at batch 1 those leave most SMs idle. Shared memory is checked
+    against the limit; fp32 falls back to 64 queries and 2 stages if it is over.
     """
     block_d = max(16, triton.next_power_of_2(Dh))
-    block_n = max(16, min(64, triton.next_power_of_2(N)))
-    block_m = max(16, min(64 if block_d <= 64 else 128, triton.next_power_of_2(N)))
-    warps, stages = (4, 3) if block_d <= 64 else (8, 3)
+    block_n = block_m = max(16, min(64, triton.next_power_of_2(N)))
+    warps, stages = 4, 3
+    if block_d <= 64 and N >= 128 and heads * triton.cdiv(N, 128) >= 1024:
+        block_m = block_n = 128
     if smem_bytes(block_m, block_n, block_d, stages, itemsize) > SMEM_LIMIT:
-        block_m, stages = min(block_m, 64), 2
+        block_m, block_n, stages = min(block_m, 64), min(block_n, 64), 2
     return block_m, block_n, block_d, warps, stages
 
 
@@ -203,7 +207,7 @@ def attention(
         raise TypeError(f"q, k, v need one dtype of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     o = out if out is not None else torch.empty((B, N, H, Dh), dtype=q.dtype, device=q.device).transpose(1, 2)
-    block_m, block_n, block_d, warps, n_stages = _blocks(N, Dh, q.element_size())
+    block_m, block_n, block_d, warps, n_stages = _blocks(N, Dh, q.element_size(), B * H)
     if config is not None:
         block_m, block_n, warps, n_stages = config
     qk_norm = q_weight is not None

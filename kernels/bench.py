@@ -113,6 +113,50 @@ def sweep_attention(
     return rows
 
 
+# (rows, K, gelu) of the float8 linears' inputs: DiT-B/2 at batch 256 (qkv/proj/fc1, then fc2's
+# with the GELU), DiT-XL/2 at batch 64
+QUANT_SHAPES = [(65536, 768, False), (65536, 3072, True), (16384, 1152, False), (16384, 4608, True)]
+
+
+def sweep_quantize(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, deadline: float = float("inf")
+) -> list[dict[str, Any]]:
+    """Time the float8 quantization kernel over (rows per program, warps) per shape, beside the
+    default choice and torch's passes, in GB/s (x read, q and the scales written once); stops at
+    `deadline` (time.monotonic)."""
+    import time
+
+    import triton
+
+    from kernels.fp8_quant_kernel import quantize_rows_fp8
+
+    rows: list[dict[str, Any]] = []
+    for R, K, gelu in QUANT_SHAPES:
+        x = torch.randn(R, K, device=device, dtype=dtype)
+        nbytes = R * K * (x.element_size() + 1) + 4 * R
+        base = {"dtype": str(dtype), "R": R, "K": K, "gelu": gelu}
+        block_k = triton.next_power_of_2(K)
+        configs: list[tuple[int, int] | None] = [None]
+        configs += [(r, w) for r in (1, 2, 4, 8, 16) for w in (4, 8) if 1024 <= r * block_k <= 16384]
+        fns: list[tuple[Any, Callable[[], Any]]] = [
+            ("torch", functools.partial(reference.quantize_rows_fp8, x, gelu))
+        ]
+        fns += [(c, functools.partial(quantize_rows_fp8, x, gelu, c)) for c in configs]
+        for cfg, fn in fns:
+            if time.monotonic() > deadline:
+                return rows
+            row: dict[str, Any] = {**base, "config": "default" if cfg is None else cfg}
+            if isinstance(cfg, tuple):
+                row["config"] = list(cfg)
+            try:
+                row["ms"] = _bench(fn, 5, 25)
+                row["gbps"] = round(nbytes / row["ms"] / 1e6, 1)
+            except Exception as e:  # out of registers: record, go on
+                row["error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+    return rows
+
+
 def run(device: str = "cuda", quick: bool = False) -> list[dict[str, Any]]:
     dtypes = [torch.bfloat16] if quick else [torch.float32, torch.bfloat16, torch.float16]
     rows = []

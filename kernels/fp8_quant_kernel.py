@@ -1,15 +1,24 @@
-"""Per-row float8 (e4m3) quantization in one pass: q = x / s, s = max|x_row| / 448.
+"""Per-row float8 (e4m3) quantization in one pass: q = x · (1 / s), s = max|x_row| / 448, with the
+MLP's tanh GELU optionally applied first (q from gelu(x)).
 
-x: [R, K] with a contiguous last dim, one program per row, the whole row in registers (BLOCK_K =
+x: [R, K] with a contiguous last dim, BLOCK_R whole rows per program in registers (BLOCK_K =
 next power of two >= K, masked): one read of x and one write of q (a byte per value) and its
-scale, where the torch reference makes five passes (abs, max, upcast, divide, cast), each
-reading or writing the whole activation. The float8 linears (models/fp8.py) quantize every
-input this way before their matmul.
+scale, where the torch reference makes five passes (abs, max, upcast, multiply, cast), each
+reading or writing the whole activation, six with the GELU. The float8 linears (models/fp8.py)
+quantize every input this way before their matmul; the second MLP linear's with the GELU, so
+that the first one's output goes from its matmul to this kernel without a GELU pass between.
+
+Several rows per program: with one row of DiT-B/2's 768 values a program moves 1.5 KB, too
+little in flight per SM to approach the memory's rate (`bench.gpu_check` part qsweep times the
+choices).
 
 The rounding to e4m3 (3 mantissa bits, to nearest, ties to even, as torch's cast) is done in
-fp32 before the cast, which then only converts values e4m3 holds exactly: so the result is the
-same bits as the reference's wherever the kernel runs. (Given a value that rounds up into the
-next binade, such as 124.3, which is 128 in e4m3, Triton's CPU interpreter's cast gives 64.)
+fp32 before the cast, which then only converts values e4m3 holds exactly, and the scale and its
+reciprocal are IEEE-rounded divisions as torch's: so the result is the same bits as the
+reference's wherever the kernel runs. (Given a value that rounds up into the next binade, such
+as 124.3, which is 128 in e4m3, Triton's CPU interpreter's cast gives 64, and its casts to
+bf16 truncate; a GPU's `x / y` in Triton is an approximate division, which moved some rows'
+scales by an ulp.)
 """
 
 from __future__ import annotations
@@ -20,33 +29,73 @@ import triton.language as tl
 
 from kernels.reference import E4M3_MAX, FP8_MIN_SCALE
 
+GELU_C = 0.7978845608028654  # sqrt(2 / pi), tanh GELU's constant
+
 
 @triton.jit
 def _round_to_e4m3(v):
     # v: fp32 with |v| <= 448. The spacing of e4m3 values around v is 2^(e - 3), e = v's binary
     # exponent, or that of the smallest normal (2^-6) for the subnormals below it.
     bits = v.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127  # exact floor(log2|v|) (0 -> -127)
-    step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # a power of two
-    y = tl.abs(v) / step  # exact; y < 16
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # exact floor(log2|v|) (0 -> -127), >= -6
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    inv_step = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e): exact products
+    y = tl.abs(v) * inv_step  # y < 16
     y = (y + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (1.5 * 2^23 trick)
     r = y * step
     return tl.where(bits < 0, -r, r)  # v's sign, -0 included (what torch's cast keeps)
 
 
 @triton.jit
-def _quantize_rows_fp8_kernel(X, Q, S, K, sx_r, sq_r, qmax, smin, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: R*K can pass 2^31
+def _round_to_bf16(v):
+    # fp32 -> the nearest bf16 (ties to even), kept in fp32: the interpreter's cast truncates
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: the upper 16 bits set
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) = x · sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); -> x for large x,
+    # about 0 for large negative x (the exponent capped where exp would overflow)
+    u = GELU_C * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+
+
+@triton.jit
+def _quantize_rows_fp8_kernel(
+    X, Q, S, R, K, sx_r, sq_r, qmax, smin,
+    GELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # 64-bit: R*K > 2^31
     cols = tl.arange(0, BLOCK_K)
-    mask = cols < K
-    x = tl.load(X + row * sx_r + cols, mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0) / qmax, smin)
-    tl.store(Q + row * sq_r + cols, _round_to_e4m3(x / s).to(Q.dtype.element_ty), mask=mask)
-    tl.store(S + row, s)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    x = tl.load(X + rows[:, None] * sx_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GELU:  # rounded to x's dtype, as the reference's gelu output is
+        x = _gelu_tanh(x)
+        if X.dtype.element_ty == tl.bfloat16:
+            x = _round_to_bf16(x)
+        else:
+            x = x.to(X.dtype.element_ty).to(tl.float32)
+    s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), qmax), smin)  # [BLOCK_R]
+    inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    q = _round_to_e4m3(x * inv[:, None])
+    tl.store(Q + rows[:, None] * sq_r + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(S + rows, s, mask=rows < R)
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [R, K] (rows at any stride, last dim contiguous) -> (q e4m3 [R, K], scale fp32 [R, 1])."""
+def _config(K: int) -> tuple[int, int]:
+    """(BLOCK_R, num_warps): rows per program and warps, about 4,096 values per program."""
+    block_k = triton.next_power_of_2(K)
+    block_r = min(max(4096 // block_k, 1), 16)
+    return block_r, 8 if block_r * block_k >= 4096 else 4
+
+
+def quantize_rows_fp8(
+    x: torch.Tensor, gelu: bool = False, config: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [R, K] (rows at any stride, last dim contiguous) -> (q e4m3 [R, K], scale fp32 [R, 1]),
+    of gelu(x) (tanh) when `gelu`. config: (BLOCK_R, num_warps) instead of the default (benchmarks)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [R, K], got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -54,13 +103,14 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.stride(-1) != 1:
         x = x.contiguous()
     R, K = x.shape
-    block = triton.next_power_of_2(K)
-    if block > 65536:
-        raise ValueError(f"rows of {K} too long for a one-row-per-program kernel")
+    block_k = triton.next_power_of_2(K)
+    if block_k > 65536:
+        raise ValueError(f"rows of {K} too long for a whole-row kernel")
+    block_r, warps = config or _config(K)
     q = torch.empty((R, K), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((R, 1), dtype=torch.float32, device=x.device)
-    _quantize_rows_fp8_kernel[(R,)](
-        x, q, s, K, x.stride(0), q.stride(0), E4M3_MAX, FP8_MIN_SCALE,
-        BLOCK_K=block, num_warps=min(max(block // 256, 1), 16),
+    _quantize_rows_fp8_kernel[(triton.cdiv(R, block_r),)](
+        x, q, s, R, K, x.stride(0), q.stride(0), E4M3_MAX, FP8_MIN_SCALE,
+        GELU=gelu, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return q, s

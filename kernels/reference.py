@@ -88,8 +88,12 @@ E4M3_MAX = 448.0  # the largest finite float8 e4m3 value
 FP8_MIN_SCALE = 1e-12  # a zero row's scale: its values quantize to 0 instead of 0/0
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row float8 quantization, x ≈ q · scale: x [R, K] -> (q e4m3 [R, K], scale fp32 [R, 1]),
-    each row's scale its absolute max over E4M3_MAX, so that the row spans e4m3's range."""
+    each row's scale its absolute max over E4M3_MAX, so that the row spans e4m3's range; of
+    gelu(x) (tanh, in x's dtype) when `gelu`. Values are multiplied by the scale's reciprocal (one
+    division per row, not per value)."""
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
     s = (x.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=FP8_MIN_SCALE)
-    return (x.float() / s).to(torch.float8_e4m3fn), s
+    return (x.float() * (1.0 / s)).to(torch.float8_e4m3fn), s

@@ -100,10 +100,8 @@ class Block(nn.Module):
         # x + gate1·a and the MLP's adaLN norm of it, fused into one pass over the row
         x, h = kernels.residual_adaln_norm(x, gate1, a, shift2, scale2)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        if isinstance(fc1, nn.Linear):
-            m = fc2(kernels.linear_gelu(h, fc1.weight, fc1.bias))
-        else:  # a float8 linear (models/fp8.py): its matmul has a bias epilogue of its own
-            m = fc2(F.gelu(fc1(h), approximate="tanh"))
+        # float8 linears (models/fp8.py): fc2 applies the GELU as it quantizes its input
+        m = fc2(kernels.linear_gelu(h, fc1.weight, fc1.bias)) if isinstance(fc1, nn.Linear) else fc2(fc1(h))
         return kernels.residual_adaln_norm(x, gate2, m, next_shift, next_scale)
 
 

@@ -38,13 +38,14 @@ def supported(device: torch.device) -> bool:
 
 class Fp8Linear(nn.Module):
     """An nn.Linear's y = x Wᵀ + b with W in e4m3 (per output channel scales) and x quantized to
-    e4m3 per row at each call. x: [..., K] bf16 -> [..., N] bf16."""
+    e4m3 per row at each call; y = gelu(x) Wᵀ + b with `gelu`, the GELU (tanh) applied by the
+    quantization kernel as it reads x. x: [..., K] bf16 -> [..., N] bf16."""
 
     weight: torch.Tensor  # [N, K] e4m3
     weight_scale: torch.Tensor  # [1, N] fp32: output channel n's scale
     bias: torch.Tensor | None  # [N] bf16
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, gelu: bool = False) -> None:
         super().__init__()
         N, K = linear.weight.shape
         if K % 16 or N % 16:  # what float8 matmuls take on a GPU
@@ -54,11 +55,11 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", s.reshape(1, N).contiguous())
         b = linear.bias
         self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16))
-        self.in_features, self.out_features = K, N
+        self.in_features, self.out_features, self.gelu = K, N, gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.in_features
-        xq, s = kernels.quantize_rows_fp8(x.reshape(-1, K))
+        xq, s = kernels.quantize_rows_fp8(x.reshape(-1, K), gelu=self.gelu)
         # mat2 column-major, as the fp8 matmul requires: the transpose of the row-major weight
         w, ws = self.weight.t(), self.weight_scale
         y = torch._scaled_mm(xq, w, scale_a=s, scale_b=ws, bias=self.bias, out_dtype=torch.bfloat16)
@@ -75,16 +76,19 @@ class Fp8Linear(nn.Module):
 
 def quantize_blocks(net: nn.Module) -> int:
     """Replace the linears of every block of a DiT (`models.dit.Block`: attn.qkv, attn.proj,
-    mlp[0], mlp[2]) with Fp8Linear, in place. -> how many were replaced."""
+    mlp[0], mlp[2]) with Fp8Linear, in place; mlp[2] applies the MLP's GELU to its input, so the
+    block runs mlp[2](mlp[0](h)). -> how many were replaced."""
     from models.dit import Block
 
     n = 0
     for blk in net.modules():
         if not isinstance(blk, Block):
             continue
-        for parent, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "0"), (blk.mlp, "2")):
+        linears = ((blk.attn, "qkv", False), (blk.attn, "proj", False), (blk.mlp, "0", False),
+                   (blk.mlp, "2", True))  # fmt: skip
+        for parent, name, gelu in linears:
             lin = getattr(parent, name)
             if isinstance(lin, nn.Linear):
-                setattr(parent, name, Fp8Linear(lin))
+                setattr(parent, name, Fp8Linear(lin, gelu=gelu))
                 n += 1
     return n

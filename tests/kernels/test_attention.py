@@ -16,7 +16,7 @@ CASES = [
     (1, 1, 33, 128),
     (2, 2, 49, 40),
     (1, 2, 20, 80),
-    (1, 2, 150, 72),  # DiT-XL/2's head dim; 128-query blocks: one full and a tail of 22
+    (1, 2, 150, 72),  # DiT-XL/2's head dim; 64-query blocks: two full and a tail of 22
     (2, 2, 128, 64),  # every block full (the kernel's unmasked EVEN path), DiT-B/2's head dim
 ]
 
@@ -62,6 +62,18 @@ def test_k_norm_as_a_score_scale_matches_reference(case: tuple[int, ...], dtype:
     assert_close_to_fp32(out, reference.attention(*lp), ref32, dtype)
 
 
+@pytest.mark.parametrize("case", [(1, 2, 256, 64), (1, 1, 300, 32)], ids=str)
+def test_128_by_128_blocks_match_reference(case: tuple[int, int, int, int]) -> None:
+    """The blocks a large grid gets (DiT-B/2 from batch 64 up: `_blocks`), run here on a small
+    one: every block full (256 tokens), and a masked tail of 44 (300)."""
+    torch.manual_seed(sum(case))
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(*case))
+    w = (torch.rand(case[3]) + 0.5).to(torch.bfloat16)
+    ref32 = reference.attention(*(t.float() for t in (q, k, v, w, w)))
+    out = kernels.attention(q, k, v, w, w, config=(128, 128, 4, 3))
+    assert_close_to_fp32(out, reference.attention(q, k, v, w, w), ref32, torch.bfloat16)
+
+
 def test_softmax_is_over_all_keys_including_the_tail() -> None:
     """A key in the masked tail block must count: put the only relevant value at the last row."""
     B, H, N, Dh = 1, 1, 65, 16  # 65 = one full block of 64 + a tail of 1
@@ -97,6 +109,10 @@ def test_default_blocks_fit_in_an_h100s_shared_memory() -> None:
     for itemsize in (2, 4):
         for Dh in range(1, 129):
             for N in (1, 49, 77, 256, 1024):
-                m, n, d, _, stages = _blocks(N, Dh, itemsize)
-                assert smem_bytes(m, n, d, stages, itemsize) <= SMEM_LIMIT, (itemsize, Dh, N)
-    assert _blocks(256, 72, 2) == (128, 64, 128, 8, 3)  # bf16 keeps the swept choice
+                for heads in (1, 12, 3072):
+                    m, n, d, _, stages = _blocks(N, Dh, itemsize, heads)
+                    assert smem_bytes(m, n, d, stages, itemsize) <= SMEM_LIMIT, (itemsize, Dh, N)
+    # the block sweep's choices: DiT-XL/2 (head dim 72), and DiT-B/2 at batch 1 and batch 128
+    assert _blocks(256, 72, 2, 32 * 16) == (64, 64, 128, 4, 3)
+    assert _blocks(256, 64, 2, 1 * 12) == (64, 64, 64, 4, 3)
+    assert _blocks(256, 64, 2, 128 * 12) == (128, 128, 64, 4, 3)

@@ -39,3 +39,36 @@ def test_e4m3_rounding_ties_carries_and_subnormals() -> None:
     q_ref, _ = reference.quantize_rows_fp8(x)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     assert q.float()[0, 1] == 128.0 and q.float()[0, 3] == 112.0  # a carry up; a tie to even
+
+
+@pytest.mark.parametrize("config", [(1, 4), (4, 8), (16, 2)], ids=str)
+def test_every_rows_per_program_choice_gives_the_same_bits(config: tuple[int, int]) -> None:
+    """Rows per program and warps (what the qsweep part times) change how the rows are split,
+    never the result; 23 rows leave the last program part-filled at 4 and 16 rows."""
+    from kernels.fp8_quant_kernel import quantize_rows_fp8
+
+    torch.manual_seed(1)
+    x = (torch.randn(23, 200) * torch.logspace(-1, 1, 23)[:, None]).to(torch.bfloat16)
+    q, s = quantize_rows_fp8(x, config=config)
+    q_ref, s_ref = reference.quantize_rows_fp8(x)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gelu_then_quantize_matches_the_reference(dtype: torch.dtype) -> None:
+    """gelu=True quantizes gelu(x) (tanh) as read, in one launch: the reference's scales to an
+    fp32 rounding and its bytes but for rare values on an e4m3 rounding boundary (the GELU's exp
+    and torch's tanh differ in the last bits), and never the bytes of x without the GELU."""
+    torch.manual_seed(2)
+    x = (torch.randn(37, 160) * 3).to(dtype)
+    n0 = LAUNCHES["_quantize_rows_fp8_kernel"]
+    q, s = kernels.quantize_rows_fp8(x, gelu=True)
+    assert LAUNCHES["_quantize_rows_fp8_kernel"] == n0 + 1
+    q_ref, s_ref = reference.quantize_rows_fp8(x, gelu=True)
+    torch.testing.assert_close(s, s_ref, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=0)
+    back, ref = q.float() * s, q_ref.float() * s_ref
+    assert ((back - ref).abs() <= ref.abs() / 8 + s_ref * 2.0**-9).all()  # one e4m3 step at most
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 0.01
+    plain, _ = reference.quantize_rows_fp8(x)
+    assert (q.view(torch.uint8) != plain.view(torch.uint8)).float().mean() > 0.3
+    assert (back >= -0.18).all()  # tanh GELU's minimum is about -0.17

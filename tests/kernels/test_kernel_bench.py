@@ -45,3 +45,33 @@ def test_a_failing_variant_is_recorded_and_the_others_still_run(monkeypatch: pyt
     assert row["torch_error"] == "RuntimeError: no kernel for this shape" and "torch_ms" not in row
     others = ("triton", "triton_scores", "triton_m32", "triton_m16", "sdpa_no_norm")
     assert [row[f"{key}_ms"] for key in others] == [2.0] * len(others)
+
+
+def test_quantize_sweep_times_every_choice_and_each_computes_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every (rows per program, warps) choice runs for real once and gives the reference's
+    bytes (with the GELU where the shape asks for it); each row's GB/s is of its bytes moved.
+    The report shows the rows."""
+    from bench.gpu_report import markdown
+
+    calls: list[Any] = []
+
+    def once(fn: Callable[[], Any], *a: Any) -> float:
+        calls.append(fn())
+        return 2e-6
+
+    monkeypatch.setattr(bench, "_bench", once)
+    monkeypatch.setattr(bench, "QUANT_SHAPES", [(8, 200, False), (8, 100, True)])
+    rows = bench.sweep_quantize("cpu")
+    assert [r["config"] for r in rows[:3]] == ["torch", "default", [4, 4]]
+    assert {r["K"] for r in rows} == {200, 100} and not any("error" in r for r in rows)
+    assert rows[0]["gbps"] == pytest.approx((8 * 200 * 3 + 32) / 2e-6 / 1e6, rel=1e-3)
+    for (q, s), r in zip(calls, rows, strict=True):
+        ref_q, ref_s = calls[0 if r["K"] == 200 else next(i for i, x in enumerate(rows) if x["K"] == 100)]
+        if r["gelu"]:  # the GELU's last bits differ between the kernel and torch (its own test)
+            assert (q.view(torch.uint8) != ref_q.view(torch.uint8)).float().mean() < 0.02
+        else:
+            assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    md = markdown({"device": "cpu", "parts": {"qsweep": {"rc": 0, "result": {"sweep": rows}}}})
+    assert "| R | K | gelu | config | ms | gbps | error |" in md and "| 8 | 100 | True | [8, 4] |" in md

@@ -110,3 +110,15 @@ def test_the_engine_serves_float8_on_the_cpu(tiny_ckpt: Path) -> None:
         assert images.shape == (2, 28, 28, 1)
     finally:
         e.close()
+
+
+def test_a_gelu_float8_linear_computes_the_linear_of_the_gelu() -> None:
+    """gelu=True: y = gelu(x) Wᵀ + b (the second MLP linear, fed the first's output unactivated),
+    within e4m3's rounding of the fp32 product."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(3, 64) * 2
+    y = Fp8Linear(lin, gelu=True)(x.bfloat16()).float()
+    ref = lin(torch.nn.functional.gelu(x, approximate="tanh"))
+    assert ((y - ref).norm() / ref.norm()).item() < 0.06
+    assert ((Fp8Linear(lin)(x.bfloat16()).float() - ref).norm() / ref.norm()).item() > 0.2
