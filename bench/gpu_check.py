@@ -187,10 +187,10 @@ def run_part(name: str, out: Path, deadline: float) -> Any:
         result: dict[str, Any] = {"sweep": sweep_quantize(str(dev), deadline=deadline - 60)}
         _save(out, "qsweep", result)
         models = []
-        plans = [("dit-b2", torch.bfloat16, "bfloat16", [1, 256]),
+        sweep_plans = [("dit-b2", torch.bfloat16, "bfloat16", [1, 256]),
                  ("dit-b2", torch.float8_e4m3fn, "float8", [1, 256]),
                  ("dit-xl2", torch.bfloat16, "bfloat16", [64])]  # fmt: skip
-        for preset, dt, key, batches in plans:
+        for preset, dt, key, batches in sweep_plans:
             if time.monotonic() > deadline - 20:
                 break
             peak = tflops.get(key) or measured["bfloat16"]
