@@ -29,9 +29,6 @@ import triton.language as tl
 
 from kernels.reference import E4M3_MAX, FP8_MIN_SCALE
 
-GELU_C = 0.7978845608028654  # sqrt(2 / pi), tanh GELU's constant
-
-
 @triton.jit
 def _round_to_e4m3(v):
     # v: fp32 with |v| <= 448. The spacing of e4m3 values around v is 2^(e - 3), e = v's binary
@@ -58,7 +55,7 @@ def _round_to_bf16(v):
 def _gelu_tanh(x):
     # 0.5 x (1 + tanh(u)) = x · sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); -> x for large x,
     # about 0 for large negative x (the exponent capped where exp would overflow)
-    u = GELU_C * (x + 0.044715 * x * x * x)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi)
     return x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
 
 
