@@ -12,13 +12,14 @@ Several rows per program: with one row of DiT-B/2's 768 values a program moves 1
 little in flight per SM to approach the memory's rate (`bench.gpu_check` part qsweep times the
 choices).
 
-The rounding to e4m3 (3 mantissa bits, to nearest, ties to even, as torch's cast) is done in
-fp32 before the cast, which then only converts values e4m3 holds exactly, and the scale and its
-reciprocal are IEEE-rounded divisions as torch's: so the result is the same bits as the
-reference's wherever the kernel runs. (Given a value that rounds up into the next binade, such
-as 124.3, which is 128 in e4m3, Triton's CPU interpreter's cast gives 64, and its casts to
-bf16 truncate; a GPU's `x / y` in Triton is an approximate division, which moved some rows'
-scales by an ulp.)
+The scale and its reciprocal are IEEE-rounded divisions, as torch's (a GPU's `x / y` in Triton
+is an approximate division, which moved some rows' scales by an ulp), so the kernel gives the
+reference's bits. On a GPU the casts to e4m3 and bf16 are the hardware's, which round to
+nearest, ties to even, as torch's casts do. Triton's CPU interpreter's do not (given 124.3, which
+is 128 in e4m3, its cast gives 64; its bf16 casts truncate), so off CUDA (HW_CAST false) the
+kernel rounds in fp32 first (`_round_to_e4m3`, `_round_to_bf16`) and the casts then only convert
+values the format holds exactly. That rounding costs a dozen integer and float operations per
+value, which on a GPU made the kernel compute-bound.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _gelu_tanh(x):
 @triton.jit
 def _quantize_rows_fp8_kernel(
     X, Q, S, R, K, sx_r, sq_r, qmax, smin,
-    GELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    GELU: tl.constexpr, HW_CAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # 64-bit: R*K > 2^31
     cols = tl.arange(0, BLOCK_K)
@@ -70,22 +71,27 @@ def _quantize_rows_fp8_kernel(
     x = tl.load(X + rows[:, None] * sx_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:  # rounded to x's dtype, as the reference's gelu output is
         x = _gelu_tanh(x)
-        if X.dtype.element_ty == tl.bfloat16:
+        if HW_CAST:
+            x = x.to(X.dtype.element_ty).to(tl.float32)
+        elif X.dtype.element_ty == tl.bfloat16:
             x = _round_to_bf16(x)
         else:
             x = x.to(X.dtype.element_ty).to(tl.float32)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), qmax), smin)  # [BLOCK_R]
     inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    q = _round_to_e4m3(x * inv[:, None])
+    q = x * inv[:, None]
+    if not HW_CAST:
+        q = _round_to_e4m3(q)
     tl.store(Q + rows[:, None] * sq_r + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
     tl.store(S + rows, s, mask=rows < R)
 
 
 def _config(K: int) -> tuple[int, int]:
-    """(BLOCK_R, num_warps): rows per program and warps, about 4,096 values per program."""
+    """(BLOCK_R, num_warps): about 4,096 values per program with 4 warps, a row of 8,192 with 8:
+    the qsweep part's fastest or close to it at DiT-B/2's and DiT-XL/2's widths on an H200."""
     block_k = triton.next_power_of_2(K)
     block_r = min(max(4096 // block_k, 1), 16)
-    return block_r, 8 if block_r * block_k >= 4096 else 4
+    return block_r, 8 if block_r * block_k > 4096 else 4
 
 
 def quantize_rows_fp8(
@@ -108,6 +114,6 @@ def quantize_rows_fp8(
     s = torch.empty((R, 1), dtype=torch.float32, device=x.device)
     _quantize_rows_fp8_kernel[(triton.cdiv(R, block_r),)](
         x, q, s, R, K, x.stride(0), q.stride(0), E4M3_MAX, FP8_MIN_SCALE,
-        GELU=gelu, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
+        GELU=gelu, HW_CAST=x.is_cuda, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return q, s
