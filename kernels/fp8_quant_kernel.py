@@ -30,6 +30,7 @@ import triton.language as tl
 
 from kernels.reference import E4M3_MAX, FP8_MIN_SCALE
 
+
 @triton.jit
 def _round_to_e4m3(v):
     # v: fp32 with |v| <= 448. The spacing of e4m3 values around v is 2^(e - 3), e = v's binary
