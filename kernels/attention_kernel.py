@@ -19,11 +19,12 @@ K's RMSNorm, two ways (`k_norm`):
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import interpreted
 
 
 @triton.jit
@@ -219,7 +220,7 @@ def attention(
     # Dots run in the input dtype (tensor cores); the CPU interpreter's bf16 dot is wrong (numpy
     # has no bf16), so there bf16 operands are upcast to fp32 — loads and stores stay bf16.
     dot_dtype = _DOT_DTYPES[q.dtype]
-    if q.dtype == torch.bfloat16 and (q.device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if q.dtype == torch.bfloat16 and interpreted(q):
         dot_dtype = tl.float32
     if fp32_precision not in ("ieee", "tf32"):
         raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")

@@ -16,10 +16,11 @@ The scale and its reciprocal are IEEE-rounded divisions, as torch's (a GPU's `x 
 is an approximate division, which moved some rows' scales by an ulp), so the kernel gives the
 reference's bits. On a GPU the casts to e4m3 and bf16 are the hardware's, which round to
 nearest, ties to even, as torch's casts do. Triton's CPU interpreter's do not (given 124.3, which
-is 128 in e4m3, its cast gives 64; its bf16 casts truncate), so off CUDA (HW_CAST false) the
-kernel rounds in fp32 first (`_round_to_e4m3`, `_round_to_bf16`) and the casts then only convert
-values the format holds exactly. That rounding costs a dozen integer and float operations per
-value, which on a GPU made the kernel compute-bound.
+is 128 in e4m3, its cast gives 64; its bf16 casts truncate), so there (HW_CAST false,
+`kernels.launch.interpreted`) the kernel rounds in fp32 first (`_round_to_e4m3`,
+`_round_to_bf16`) and the casts then only convert values the format holds exactly. That rounding
+costs a dozen integer and float operations per value, which on a GPU made the kernel
+compute-bound.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import interpreted
 from kernels.reference import E4M3_MAX, FP8_MIN_SCALE
 
 
@@ -115,6 +117,6 @@ def quantize_rows_fp8(
     s = torch.empty((R, 1), dtype=torch.float32, device=x.device)
     _quantize_rows_fp8_kernel[(triton.cdiv(R, block_r),)](
         x, q, s, R, K, x.stride(0), q.stride(0), E4M3_MAX, FP8_MIN_SCALE,
-        GELU=gelu, HW_CAST=x.is_cuda, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
+        GELU=gelu, HW_CAST=not interpreted(x), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return q, s
