@@ -290,15 +290,19 @@ def test_kernel_part_checks_the_fp8_quantization(monkeypatch: pytest.MonkeyPatch
 
     x = torch.randn(49, 192).to(torch.bfloat16)
     row = _fp8_quant_case(torch.bfloat16, x)
-    assert row["ok"] and row["kernel_err"] == 0.0, row
+    assert row["ok"] and row["kernel_err"] == 0.0 and row["bound"] == 0.0, row
+    gelu = _fp8_quant_case(torch.bfloat16, x, gelu=True)
+    assert gelu["ok"] and gelu["note"] == "gelu", gelu
     real = triton_ops.quantize_rows_fp8
 
-    def coarse(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, s = real(t)
+    def coarse(t: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        q, s = real(t, gelu)
         return (q.float() * 1.07).to(torch.float8_e4m3fn), s  # one step up, about
 
     monkeypatch.setattr(triton_ops, "quantize_rows_fp8", coarse)
-    assert not _fp8_quant_case(torch.bfloat16, x)["ok"]
+    for g in (False, True):
+        bad = _fp8_quant_case(torch.bfloat16, x, gelu=g)
+        assert not bad["ok"] and "error" not in bad, bad
 
 
 def test_repack_keeps_every_file_and_shrinks_large_wheels(tmp_path: Path) -> None:
