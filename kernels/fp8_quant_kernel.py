@@ -91,7 +91,8 @@ def _quantize_rows_fp8_kernel(
 
 def _config(K: int) -> tuple[int, int]:
     """(BLOCK_R, num_warps): about 4,096 values per program with 4 warps, a row of 8,192 with 8:
-    the qsweep part's fastest or close to it at DiT-B/2's and DiT-XL/2's widths on an H200."""
+    the qsweep part's fastest at DiT-B/2's widths and at DiT-XL/2's MLP width on an H200, as the
+    kernel rounded in fp32 then (docs/performance.md)."""
     block_k = triton.next_power_of_2(K)
     block_r = min(max(4096 // block_k, 1), 16)
     return block_r, 8 if block_r * block_k > 4096 else 4
