@@ -79,9 +79,12 @@ attention = _dispatch("attention")
 linear_gelu = _dispatch("linear_gelu")
 residual_adaln_norm = _dispatch("residual_adaln_norm")
 quantize_rows_fp8 = _dispatch("quantize_rows_fp8")
+adaln_norm_fp8 = _dispatch("adaln_norm_fp8")
+residual_adaln_norm_fp8 = _dispatch("residual_adaln_norm_fp8")
 
 __all__ = [
     "adaln_norm",
+    "adaln_norm_fp8",
     "attention",
     "backend_for",
     "force_triton",
@@ -90,6 +93,7 @@ __all__ = [
     "quantize_rows_fp8",
     "reference",
     "residual_adaln_norm",
+    "residual_adaln_norm_fp8",
     "triton_available",
     "use_reference",
 ]

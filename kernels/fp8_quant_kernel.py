@@ -56,6 +56,28 @@ def _round_to_bf16(v):
 
 
 @triton.jit
+def _rounded_to(x, DTYPE: tl.constexpr, HW_CAST: tl.constexpr):
+    # fp32 x rounded to DTYPE (to nearest, ties to even) and kept in fp32: what the reference
+    # quantizes when its input is a DTYPE tensor
+    if HW_CAST:
+        r = x.to(DTYPE).to(tl.float32)
+    elif tl.bfloat16 == DTYPE:
+        r = _round_to_bf16(x)
+    else:
+        r = x.to(DTYPE).to(tl.float32)
+    return r
+
+
+@triton.jit
+def _e4m3_ready(v, HW_CAST: tl.constexpr):
+    # v (fp32, |v| <= 448) as the cast to e4m3 should take it: as is for the hardware's cast,
+    # rounded first for the interpreter's
+    if not HW_CAST:
+        v = _round_to_e4m3(v)
+    return v
+
+
+@triton.jit
 def _gelu_tanh(x):
     # 0.5 x (1 + tanh(u)) = x · sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3); -> x for large x,
     # about 0 for large negative x (the exponent capped where exp would overflow)
@@ -73,18 +95,10 @@ def _quantize_rows_fp8_kernel(
     mask = (rows < R)[:, None] & (cols < K)[None, :]
     x = tl.load(X + rows[:, None] * sx_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if GELU:  # rounded to x's dtype, as the reference's gelu output is
-        x = _gelu_tanh(x)
-        if HW_CAST:
-            x = x.to(X.dtype.element_ty).to(tl.float32)
-        elif X.dtype.element_ty == tl.bfloat16:
-            x = _round_to_bf16(x)
-        else:
-            x = x.to(X.dtype.element_ty).to(tl.float32)
+        x = _rounded_to(_gelu_tanh(x), X.dtype.element_ty, HW_CAST)
     s = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), qmax), smin)  # [BLOCK_R]
     inv = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    q = x * inv[:, None]
-    if not HW_CAST:
-        q = _round_to_e4m3(q)
+    q = _e4m3_ready(x * inv[:, None], HW_CAST)
     tl.store(Q + rows[:, None] * sq_r + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
     tl.store(S + rows, s, mask=rows < R)
 

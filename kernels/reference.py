@@ -97,3 +97,25 @@ def quantize_rows_fp8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor
         x = F.gelu(x, approximate="tanh")
     s = (x.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=FP8_MIN_SCALE)
     return (x.float() * (1.0 / s)).to(torch.float8_e4m3fn), s
+
+
+def adaln_norm_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_fp8 of adaln_norm's output (in x's dtype), per token. x: [B, N, D] ->
+    (q e4m3 [B, N, D], scale fp32 [B·N, 1]): what the float8 linear after a norm takes."""
+    q, s = quantize_rows_fp8(adaln_norm(x, shift, scale, eps).reshape(-1, x.shape[-1]))
+    return q.view(x.shape), s
+
+
+def residual_adaln_norm_fp8(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    h: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x' = x + gate[b]·h, adaln_norm_fp8(x', shift, scale))."""
+    x_new = gated_residual(x, gate, h)
+    return (x_new, *adaln_norm_fp8(x_new, shift, scale, eps))

@@ -15,6 +15,7 @@ from torch import nn
 
 import kernels
 from models.config import DiTConfig
+from models.fp8 import Quantized, takes_float8
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -52,7 +53,7 @@ class Attention(nn.Module):
         self.q_norm = nn.Parameter(torch.ones(width // num_heads))
         self.k_norm = nn.Parameter(torch.ones(width // num_heads))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         B, N, D = x.shape
         # qkv: [B, N, 3, H, Dh] -> 3 x [B, H, N, Dh]
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -88,20 +89,32 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        h: torch.Tensor,
+        h: torch.Tensor | Quantized,
         mod: tuple[torch.Tensor, ...],
         next_shift: torch.Tensor,
         next_scale: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        float8_next: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | Quantized]:
         """x: [B, N, D] the residual stream; h: adaln_norm(x, shift1, scale1); mod: this block's
-        `modulation` -> (x after the block, its adaLN norm with next_shift/next_scale [B, D])."""
+        `modulation` -> (x after the block, its adaLN norm with next_shift/next_scale [B, D]).
+
+        With float8 linears (models/fp8.py) the norms hand them their inputs in e4m3
+        (`kernels.residual_adaln_norm_fp8`): h is `Quantized`, as is the norm returned when
+        `float8_next` (the next block's, not the final layer's), and fc2 applies the GELU as it
+        quantizes its input."""
         _, _, gate1, shift2, scale2, gate2 = mod
         a = self.attn(h)
-        # x + gate1·a and the MLP's adaLN norm of it, fused into one pass over the row
-        x, h = kernels.residual_adaln_norm(x, gate1, a, shift2, scale2)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        # float8 linears (models/fp8.py): fc2 applies the GELU as it quantizes its input
-        m = fc2(kernels.linear_gelu(h, fc1.weight, fc1.bias)) if isinstance(fc1, nn.Linear) else fc2(fc1(h))
+        # x + gate1·a and the MLP's adaLN norm of it, fused into one pass over the row
+        if takes_float8(fc1):
+            x, q, s = kernels.residual_adaln_norm_fp8(x, gate1, a, shift2, scale2)
+            m = fc2(fc1(Quantized(q, s)))
+        else:
+            x, h2 = kernels.residual_adaln_norm(x, gate1, a, shift2, scale2)
+            m = fc2(kernels.linear_gelu(h2, fc1.weight, fc1.bias))
+        if float8_next:
+            x, q, s = kernels.residual_adaln_norm_fp8(x, gate2, m, next_shift, next_scale)
+            return x, Quantized(q, s)
         return kernels.residual_adaln_norm(x, gate2, m, next_shift, next_scale)
 
 
@@ -224,10 +237,18 @@ class DiT(nn.Module):
         mods, final = self.modulations(c)
         # the norm after each block is the next block's first (shift1, scale1), or the final one
         norms = [m[:2] for m in mods[1:]] + [final]
-        x_res, h = h, kernels.adaln_norm(h, mods[0][0], mods[0][1])
-        for blk, mod, (shift, scale) in zip(blocks, mods, norms, strict=True):
-            x_res, h = blk(x_res, h, mod, shift, scale)
-        h = self.out(h)  # [B, N, p*p*C]
+        # float8 blocks take each norm in e4m3, but for the final layer's (models/fp8.py)
+        fp8 = takes_float8(blocks[0].attn.qkv)
+        x_res = h
+        h_in: torch.Tensor | Quantized = (
+            Quantized(*kernels.adaln_norm_fp8(h, mods[0][0], mods[0][1]))
+            if fp8
+            else kernels.adaln_norm(h, mods[0][0], mods[0][1])
+        )
+        for i, (blk, mod, (shift, scale)) in enumerate(zip(blocks, mods, norms, strict=True)):
+            x_res, h_in = blk(x_res, h_in, mod, shift, scale, float8_next=fp8 and i + 1 < len(blocks))
+        assert isinstance(h_in, torch.Tensor)  # the final norm is never float8
+        h = self.out(h_in)  # [B, N, p*p*C]
         g = H // p
         h = h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
         return h.reshape(B, C, H, W)

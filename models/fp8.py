@@ -20,6 +20,7 @@ and on the CPU (slowly; for checking what fp8 does to quality).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,10 +37,28 @@ def supported(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+class Quantized(NamedTuple):
+    """An activation already in e4m3, as a norm's float8 form hands it to the linear after it
+    (`kernels.adaln_norm_fp8`): q [..., K] e4m3, scale fp32 [R, 1] for each of q's R rows of K."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+def takes_float8(layer: nn.Module) -> bool:
+    """Whether `layer` takes its input as `Quantized` (a float8 linear without a GELU before it)."""
+    return isinstance(layer, Fp8Linear) and not layer.gelu
+
+
 class Fp8Linear(nn.Module):
     """An nn.Linear's y = x Wᵀ + b with W in e4m3 (per output channel scales) and x quantized to
     e4m3 per row at each call; y = gelu(x) Wᵀ + b with `gelu`, the GELU (tanh) applied by the
-    quantization kernel as it reads x. x: [..., K] bf16 -> [..., N] bf16."""
+    quantization kernel as it reads x. x: [..., K] bf16, or `Quantized` (then already in e4m3,
+    and no GELU) -> [..., N] bf16."""
 
     weight: torch.Tensor  # [N, K] e4m3
     weight_scale: torch.Tensor  # [1, N] fp32: output channel n's scale
@@ -57,9 +76,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", None if b is None else b.detach().to(torch.bfloat16))
         self.in_features, self.out_features, self.gelu = K, N, gelu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Quantized) -> torch.Tensor:
         K = self.in_features
-        xq, s = kernels.quantize_rows_fp8(x.reshape(-1, K), gelu=self.gelu)
+        if isinstance(x, Quantized):
+            if self.gelu:
+                raise ValueError("a float8 linear with a GELU before it takes its input unquantized")
+            xq, s = x.q.reshape(-1, K), x.scale
+        else:
+            xq, s = kernels.quantize_rows_fp8(x.reshape(-1, K), gelu=self.gelu)
         # mat2 column-major, as the fp8 matmul requires: the transpose of the row-major weight
         w, ws = self.weight.t(), self.weight_scale
         y = torch._scaled_mm(xq, w, scale_a=s, scale_b=ws, bias=self.bias, out_dtype=torch.bfloat16)

@@ -97,6 +97,9 @@ def cases() -> list[tuple[str, Callable[[], Any]]]:
                 (f"residual_adaln_norm {name} {D}",
                  lambda x=x, h=h, m=m: K.residual_adaln_norm(x, m, h, m, m)),
                 (f"gated_residual {name} {D}", lambda x=x, h=h, m=m: K.gated_residual(x, m, h)),
+                (f"adaln_norm_fp8 {name} {D}", lambda x=x, m=m: K.adaln_norm_fp8(x, m, m)),
+                (f"residual_adaln_norm_fp8 {name} {D}",
+                 lambda x=x, h=h, m=m: K.residual_adaln_norm_fp8(x, m, h, m, m)),
             ]  # fmt: skip
         shapes = [(64, 6, 49, 32), (1, 12, 256, 64), (256, 12, 256, 64), (32, 16, 256, 72), (1, 2, 130, 128)]
         if dt == torch.float32:  # served through torch on CUDA (kernels.backend_for): two checks

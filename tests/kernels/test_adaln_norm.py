@@ -62,3 +62,40 @@ def test_bad_shapes_are_refused() -> None:
         kernels.adaln_norm(x, torch.randn(3, 8), torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         kernels.adaln_norm(torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8))
+
+
+def _same_quantization(q: torch.Tensor, s: torch.Tensor, q_ref: torch.Tensor, s_ref: torch.Tensor) -> None:
+    """The reference's float8 values to within one e4m3 step where a norm output landed on the
+    other side of a rounding boundary (the kernel and torch sum in other orders), on few values."""
+    assert q.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=1e-2, atol=0)
+    back, ref = q.float().flatten(0, -2) * s, q_ref.float().flatten(0, -2) * s_ref
+    # one e4m3 step: 1/8 of the larger of the two (a bf16 norm output on the other side of a
+    # rounding boundary, and the row's scale moved by a bf16 ulp if it was the row's largest), or
+    # under 2^-8 of the scale among the subnormals
+    assert ((back - ref).abs() <= torch.maximum(back.abs(), ref.abs()) / 8 + s_ref * 2.0**-8).all()
+    assert (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 49, 192), (3, 5, 123), (1, 4, 1500)], ids=str)
+def test_norms_in_float8_match_the_reference(shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """The float8 forms (the norm's output quantized per token in the same pass, for the float8
+    linears after it): one launch each; the plain form as the reference's quantization of the
+    reference's norm; the residual form as the quantization of the unfused residual form's
+    output (both normalize x' before it is rounded to x's dtype, the reference after) and its x'
+    the same."""
+    torch.manual_seed(sum(shape) + 2)
+    B, N, D = shape
+    x, h = (torch.randn(B, N, D) * 3).to(dtype), torch.randn(B, N, D).to(dtype)
+    gate, shift, scale = (m.to(dtype) for m in _mods(B, D, 3))
+    n0 = LAUNCHES["_adaln_norm_kernel"]
+    q, s = kernels.adaln_norm_fp8(x, shift, scale)
+    x_new, q2, s2 = kernels.residual_adaln_norm_fp8(x, gate, h, shift, scale)
+    assert LAUNCHES["_adaln_norm_kernel"] == n0 + 2
+    _same_quantization(q, s, *reference.adaln_norm_fp8(x, shift, scale))
+    x_unfused, y_unfused = kernels.residual_adaln_norm(x, gate, h, shift, scale)
+    q_ref, s_ref = reference.quantize_rows_fp8(y_unfused.reshape(-1, D))
+    _same_quantization(q2, s2, q_ref.view(B, N, D), s_ref)
+    torch.testing.assert_close(x_new, x_unfused, rtol=0, atol=0)
+    assert (q.float().abs().flatten(0, 1).amax(dim=1) == reference.E4M3_MAX).all()  # each token spans e4m3

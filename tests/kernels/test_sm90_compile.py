@@ -33,8 +33,10 @@ def test_every_kernel_compiles_for_sm90_and_the_simple_ones_do_not_spill(tmp_pat
     # the GPU's paths, not the interpreter's: bf16 dots, the hardware's float8 casts
     attn = [r for r in rows if r["kernel"] == "_attention_kernel" and "bfloat16" in r["case"]]
     assert attn and all(r["constexprs"]["DOT_DTYPE"] == "bf16" for r in attn)
-    quant = [r for r in rows if r["kernel"] == "_quantize_rows_fp8_kernel"]
-    assert quant and all(r["constexprs"]["HW_CAST"] == "True" for r in quant)
+    quant = [r for r in rows if "HW_CAST" in r["constexprs"]]
+    assert {r["kernel"] for r in quant} == {"_quantize_rows_fp8_kernel", "_adaln_norm_kernel"}
+    assert all(r["constexprs"]["HW_CAST"] == "True" for r in quant)
+    assert any(r["constexprs"].get("QUANT") == "True" for r in rows)  # the norms' float8 form
     # row kernels hold a few values per thread: a spill means a block choice went wrong
     for r in rows:
         if r["kernel"] != "_attention_kernel":

@@ -122,3 +122,33 @@ def test_a_gelu_float8_linear_computes_the_linear_of_the_gelu() -> None:
     ref = lin(torch.nn.functional.gelu(x, approximate="tanh"))
     assert ((y - ref).norm() / ref.norm()).item() < 0.06
     assert ((Fp8Linear(lin)(x.bfloat16()).float() - ref).norm() / ref.norm()).item() > 0.2
+
+
+def test_float8_blocks_take_their_norms_in_float8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every norm before a float8 linear hands it e4m3 (`kernels.adaln_norm_fp8` and
+    `residual_adaln_norm_fp8`), the final layer's norm stays bf16, and the linears quantize only
+    the attention output and the MLP's GELU input themselves: in a 2-block DiT, 1 + 3 float8
+    norms, 1 plain one, 4 quantizations."""
+    from collections import Counter
+
+    import kernels
+    from models.consistency import TrigFlow
+    from models.placeholder import random_dit
+
+    calls: Counter[str] = Counter()
+    for name in ("adaln_norm", "residual_adaln_norm", "adaln_norm_fp8", "residual_adaln_norm_fp8",
+                 "quantize_rows_fp8"):  # fmt: skip
+        real = getattr(kernels, name)
+
+        def counted(*a: object, _real: object = real, _name: str = name, **k: object) -> object:
+            calls[_name] += 1
+            return _real(*a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(kernels, name, counted)
+    model = TrigFlow(random_dit("tiny")).cast_network(E4M3)
+    assert len(model.net.blocks) == 2
+    with torch.inference_mode():
+        out = model.velocity(torch.randn(2, 1, 28, 28), torch.rand(2), torch.arange(2))
+    assert torch.isfinite(out).all()
+    assert calls == {"adaln_norm_fp8": 1, "residual_adaln_norm_fp8": 3, "residual_adaln_norm": 1,
+                     "quantize_rows_fp8": 4}  # fmt: skip
