@@ -9,8 +9,12 @@ attention itself.
 
 Scales: a weight row's scale is its absolute max over 448 (e4m3's largest finite value), so the
 row uses the format's whole range; an activation row's (one token's) likewise, computed at each
-call (`kernels.quantize_rows_fp8`: one Triton pass on CUDA). Per-channel and per-token scales
-keep one outlier from flattening the rest of its tensor.
+call. Per-channel and per-token scales keep one outlier from flattening the rest of its tensor.
+Where an activation comes from: qkv's and the first MLP linear's from the adaLN norm before them,
+which writes them in e4m3 with their scales in the pass that normalizes each row
+(`kernels.adaln_norm_fp8`, `residual_adaln_norm_fp8`; handed on as `Quantized`); the attention
+output's and the MLP's GELU input from a quantization pass of their own
+(`kernels.quantize_rows_fp8`, which applies the GELU for the second MLP linear).
 
 Runs where torch has float8 matmuls with per-row scales: on CUDA GPUs of compute capability 9.0
 and up (Hopper; Ada has float8 tensor cores, but torch's row-scaled float8 matmul targets sm90),
