@@ -112,6 +112,18 @@ def _launch(x, h, gate, shift, scale, y, x_out, eps: float, residual: bool, ys=N
     )  # fmt: skip
 
 
+def _residual_inputs(
+    x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual forms' inputs checked and read in place where they can be -> (x, h, a buffer
+    for x')."""
+    _check(x, gate, shift, scale)
+    if h.shape != x.shape:
+        raise ValueError(f"h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
+    x, h = _last_dim_contiguous(x), _last_dim_contiguous(h)
+    return x, h, torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def _fp8_out(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Buffers of the float8 form: q e4m3 [B, N, D], scale fp32 [B·N, 1]."""
     B, N, D = x.shape
@@ -144,11 +156,7 @@ def residual_adaln_norm(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x' = x + gate[b]·h and y = adaLN(x'), in one pass. -> (x', y), both [B, N, D]."""
-    _check(x, gate, shift, scale)
-    if h.shape != x.shape:
-        raise ValueError(f"h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
-    x, h = _last_dim_contiguous(x), _last_dim_contiguous(h)
-    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x, h, x_new = _residual_inputs(x, gate, h, shift, scale)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, h, gate, shift, scale, y, x_new, eps, residual=True)
     return x_new, y
@@ -176,11 +184,7 @@ def residual_adaln_norm_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x' = x + gate[b]·h and the float8 form of adaLN(x'), in one pass. -> (x' [B, N, D],
     q e4m3 [B, N, D], scale fp32 [B·N, 1])."""
-    _check(x, gate, shift, scale)
-    if h.shape != x.shape:
-        raise ValueError(f"h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
-    x, h = _last_dim_contiguous(x), _last_dim_contiguous(h)
-    x_new = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x, h, x_new = _residual_inputs(x, gate, h, shift, scale)
     q, s = _fp8_out(x)
     _launch(x, h, gate, shift, scale, q, x_new, eps, residual=True, ys=s)
     return x_new, q, s

@@ -145,9 +145,8 @@ def sweep_quantize(
         for cfg, fn in fns:
             if time.monotonic() > deadline:
                 return rows
-            row: dict[str, Any] = {**base, "config": "default" if cfg is None else cfg}
-            if isinstance(cfg, tuple):
-                row["config"] = list(cfg)
+            label = "default" if cfg is None else list(cfg) if isinstance(cfg, tuple) else cfg
+            row: dict[str, Any] = {**base, "config": label}
             try:
                 row["ms"] = _bench(fn, 5, 25)
                 row["gbps"] = round(nbytes / row["ms"] / 1e6, 1)
